@@ -1,0 +1,187 @@
+"""Retrieval quality of a bundle: mP@1..10, the paper's mAP and standard AP@10, per method and relevance field.
+
+Default protocol: every archive image queries the rest (leave-one-out; it never retrieves itself), optionally
+also never retrieving images that share a group field with it (``exclude_same="patient_id"``). With an external
+query set, its images are described by the bundle's own extractors. Searches go through
+:class:`cbmir.server.search_engine.SearchEngine`, the code the service runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from cbmir.errors import InvalidInputError
+from cbmir.index_build.archive import Archive
+from cbmir.index_build.bundle import Bundle
+from cbmir.server.search_engine import SearchEngine
+
+from .metrics import average_precision_at_k, mean_precision_at_k, seed_map
+
+log = logging.getLogger("cbmir.eval")
+K = 10
+
+
+def parse_method(spec: str) -> tuple[str, str | None]:
+    """``cnn`` -> (cnn, None); ``cnn+hog`` -> (cnn, hog): candidates by the first, re-ranked by the second."""
+    parts = spec.split("+")
+    if len(parts) == 1:
+        return parts[0], None
+    if len(parts) == 2:
+        return parts[0], parts[1]
+    raise InvalidInputError(f"method {spec!r}: use NAME or NAME+RERANK_NAME")
+
+
+def _codes(values: Sequence[str], vocabulary: dict[str, int]) -> np.ndarray:
+    return np.array([vocabulary.setdefault(v, len(vocabulary)) if v != "" else -1 for v in values], dtype=np.int64)
+
+
+def relevance_codes(
+    archive_meta: dict[str, list[str]], query_meta: dict[str, list[str]], spec: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Integer codes such that a hit is relevant iff its code equals the query's (and is >= 0).
+
+    ``spec`` is a metadata field (``label``) or fields joined by ``&`` (``modality&body_region``), which must all
+    match.
+    """
+    fields = spec.split("&")
+    for f in fields:
+        if f not in archive_meta:
+            raise InvalidInputError(f"relevance field {f!r} is not in the bundle's metadata: {sorted(archive_meta)}")
+        if f not in query_meta:
+            raise InvalidInputError(f"relevance field {f!r} is missing from the query labels")
+
+    def joined(meta: dict[str, list[str]]) -> list[str]:
+        cols = [meta[f] for f in fields]
+        return ["\x1f".join(vals) if all(vals) else "" for vals in zip(*cols)]
+
+    vocab: dict[str, int] = {}
+    return _codes(joined(archive_meta), vocab), _codes(joined(query_meta), vocab)
+
+
+def evaluate(
+    bundle: Bundle,
+    methods: Sequence[str],
+    relevance: Sequence[str],
+    *,
+    queries: Archive | None = None,
+    k_prep: int = 10,
+    exclude_same: str | None = None,
+    batch: int = 2048,
+    device: str = "auto",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the protocol and return the JSON-ready result document."""
+    engine = SearchEngine(bundle, device=device)
+    n = len(bundle)
+    if exclude_same and exclude_same not in bundle.metadata:
+        raise InvalidInputError(f"--exclude-same field {exclude_same!r} is not in the bundle's metadata")
+
+    query_vectors: dict[str, np.ndarray] = {}
+    describe_s: dict[str, float] = {}
+    if queries is None:
+        query_meta = bundle.metadata
+        n_queries = n
+        self_rows: np.ndarray | None = np.arange(n)
+    else:
+        records = [queries.load(i) for i in range(len(queries))]
+        fields = sorted({k for r in records for k in r.metadata})
+        query_meta = {f: [r.metadata.get(f, "") for r in records] for f in fields}
+        n_queries = len(records)
+        self_rows = None
+        needed = {name for spec in methods for name in parse_method(spec) if name}
+        for name in sorted(needed):
+            t0 = time.perf_counter()
+            query_vectors[name] = engine.describe(name, [r.image for r in records])
+            describe_s[name] = time.perf_counter() - t0
+
+    excluded: list[np.ndarray] = [np.zeros(0, np.int64)] * n_queries
+    if exclude_same:
+        groups: dict[str, np.ndarray] = {}
+        column = np.asarray(bundle.metadata[exclude_same])
+        for value in np.unique(column):
+            if value != "":
+                groups[value] = np.flatnonzero(column == value)
+        q_column = query_meta.get(exclude_same, [""] * n_queries)
+        excluded = [groups.get(v, np.zeros(0, np.int64)) for v in q_column]
+    if self_rows is not None:
+        excluded = [np.union1d(ex, [i]) for i, ex in enumerate(excluded)]
+
+    results = []
+    for spec in methods:
+        method, rerank = parse_method(spec)
+        for name in (method, rerank):
+            if name is not None:
+                engine.method(name)
+        rows = np.empty((n_queries, K), dtype=np.int64)
+        t0 = time.perf_counter()
+        chunks = range(0, n_queries, batch)
+        for start in tqdm(chunks, desc=f"eval {spec}", disable=not progress, leave=False):
+            stop = min(start + batch, n_queries)
+
+            def vectors(name: str) -> np.ndarray:
+                if self_rows is not None:
+                    return bundle.methods[name].descriptors[start:stop]
+                return query_vectors[name][start:stop]
+
+            result = engine.search(
+                method,
+                vectors(method),
+                K,
+                exclude=excluded[start:stop],
+                rerank=rerank,
+                rerank_queries=vectors(rerank) if rerank else None,
+                k_prep=k_prep,
+            )
+            rows[start:stop] = result.rows
+        search_s = time.perf_counter() - t0
+        for rel_spec in relevance:
+            archive_codes, query_codes = relevance_codes(bundle.metadata, query_meta, rel_spec)
+            hit_codes = np.where(rows >= 0, archive_codes[np.maximum(rows, 0)], -2)
+            relevant = (hit_codes == query_codes[:, None]) & (query_codes[:, None] >= 0)
+            counts = np.bincount(archive_codes[archive_codes >= 0], minlength=int(archive_codes.max()) + 1)
+            n_relevant = np.array(
+                [
+                    (counts[c] - np.count_nonzero(archive_codes[ex] == c)) if c >= 0 and c < len(counts) else 0
+                    for c, ex in zip(query_codes, excluded)
+                ]
+            )
+            valid = query_codes >= 0
+            ap = average_precision_at_k(relevant[valid], n_relevant[valid])
+            results.append(
+                {
+                    "method": spec,
+                    "relevance": rel_spec,
+                    "queries": int(valid.sum()),
+                    "mP@k": [round(float(x), 6) for x in mean_precision_at_k(relevant[valid])],
+                    "seed_mAP": round(seed_map(relevant[valid]), 6),
+                    "AP@10": round(float(np.nanmean(ap)), 6) if np.isfinite(ap).any() else None,
+                    "queries_without_relevant": int(np.isnan(ap).sum()),
+                    "search_s": round(search_s, 3),
+                    "describe_s": round(sum(describe_s.get(m, 0.0) for m in (method, rerank) if m), 3),
+                }
+            )
+            log.info("%s / %s: seed mAP %.4f", spec, rel_spec, results[-1]["seed_mAP"])
+    return {
+        "results": results,
+        "config": {
+            "bundle": str(bundle.path),
+            "bundle_version": bundle.version,
+            "archive_count": n,
+            "protocol": "leave-one-out" if queries is None else "external queries",
+            "queries_source": None if queries is None else queries.source,
+            "exclude_same": exclude_same,
+            "k": K,
+            "k_prep": k_prep,
+            "methods": {name: {"extractor": m.extractor, "config": m.config, "metric": m.metric, "dim": m.dim}
+                        for name, m in bundle.methods.items()},
+            "build": bundle.manifest.get("build", {}),
+            "platform": platform.platform(),
+        },
+    }

@@ -1,0 +1,260 @@
+"""The ``cbmir`` command: build, eval, serve, query, info and demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from cbmir.errors import CbmirError, InvalidInputError
+
+log = logging.getLogger("cbmir")
+
+
+def _pairs(items: list[str] | None, what: str) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise InvalidInputError(f"{what} {item!r}: use FIELD=VALUE")
+        key, value = item.split("=", 1)
+        out.setdefault(key, []).append(value)
+    return out
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def extractor_configs(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Per-method extractor configuration from the build flags."""
+    configs: dict[str, dict[str, Any]] = {}
+    for name in _csv(args.extractors):
+        if name == "cnn":
+            cfg: dict[str, Any] = {"model": args.model, "weights": args.weights or "imagenet"}
+            if args.image_size:
+                cfg["image_size"] = args.image_size
+            if args.pca_dim:
+                cfg["pca_dim"] = args.pca_dim
+                cfg["whiten"] = args.whiten
+            configs[name] = cfg
+        elif name == "bovw":
+            configs[name] = {"words": args.bovw_words}
+        else:
+            configs[name] = {}
+    return configs
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from cbmir.index_build import build_bundle, open_archive
+
+    archive = open_archive(args.images, args.labels)
+    missing = getattr(archive, "missing", [])
+    if missing:
+        log.warning("%d rows of the labels CSV name no image in the archive (e.g. %s)", len(missing), missing[:3])
+    archive = archive.select({k: v[-1] for k, v in _pairs(args.select, "--select").items()})
+    log.info("archive %s: %d images", archive.source, len(archive))
+    t0 = time.perf_counter()
+    report = build_bundle(
+        archive,
+        args.out,
+        extractor_configs(args),
+        batch_size=args.batch_size,
+        device=args.device,
+        fit_sample=args.fit_sample,
+        progress=not args.no_progress,
+    )
+    total = time.perf_counter() - t0
+    print(f"wrote {report.path} ({report.count} images indexed, {len(report.skipped)} skipped) in {total:.1f} s")
+    for name, ips in report.images_per_s.items():
+        print(f"  {name:<6} {ips:8.1f} images/s")
+    for stage, seconds in report.timings.items():
+        print(f"  {stage:<14} {seconds:8.2f} s")
+    return 0
+
+
+def _markdown_table(results: list[dict[str, Any]]) -> str:
+    lines = ["| method | relevance | queries | P@1 | P@10 | seed mAP | AP@10 |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        ap = "n/a" if r["AP@10"] is None else f"{r['AP@10']:.4f}"
+        lines.append(
+            f"| {r['method']} | {r['relevance']} | {r['queries']} | {r['mP@k'][0]:.4f} | {r['mP@k'][-1]:.4f} "
+            f"| {r['seed_mAP']:.4f} | {ap} |"
+        )
+    return "\n".join(lines)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from cbmir.benchmarks.retrieval_quality import evaluate
+    from cbmir.index_build import load_bundle, open_archive
+
+    bundle = load_bundle(args.index)
+    methods = _csv(args.methods) if args.methods else list(bundle.methods) + (
+        ["cnn+hog"] if {"cnn", "hog"} <= set(bundle.methods) else []
+    )
+    queries = open_archive(args.queries, args.query_labels) if args.queries else None
+    doc = evaluate(
+        bundle,
+        methods,
+        _csv(args.relevance),
+        queries=queries,
+        k_prep=args.k_prep,
+        exclude_same=args.exclude_same,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    doc["config"]["command"] = " ".join(["cbmir", *sys.argv[1:]])
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(doc, indent=2))
+    print(_markdown_table(doc["results"]))
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from cbmir.index_build.bundle import read_manifest, resolve_version_dir, verify_files
+
+    version_dir = resolve_version_dir(args.index)
+    manifest = read_manifest(version_dir)
+    verify_files(version_dir, manifest)
+    summary = {k: manifest[k] for k in ("version", "created", "count", "cbmir_version")}
+    summary["methods"] = {
+        n: {k: m[k] for k in ("extractor", "dim", "metric", "index_type", "images_per_s")}
+        for n, m in manifest["methods"].items()
+    }
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from cbmir.server.service import ServerConfig, serve_forever
+
+    config = ServerConfig(
+        index=args.index,
+        host=args.host,
+        port=args.port,
+        max_k=args.max_k,
+        workers=args.workers,
+        max_concurrent=args.max_concurrent,
+        max_message_mb=args.max_message_mb,
+        device=args.device,
+    )
+    serve_forever(config)
+    return 0
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    from cbmir.client import RetrievalClient, format_hits
+
+    with RetrievalClient(args.target, timeout=args.timeout) as client:
+        hits = client.search_image(
+            Path(args.image).read_bytes(),
+            k=args.k,
+            method=args.method,
+            rerank=args.rerank,
+            k_prep=args.k_prep,
+            filters=_pairs(args.filter, "--filter"),
+        )
+    if args.json:
+        print(json.dumps([h.__dict__ for h in hits], indent=2))
+    else:
+        print(format_hits(hits))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from cbmir.demo import run_demo
+
+    return run_demo(Path(args.out), device=args.device)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cbmir", description="Content-based medical image retrieval")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("build", help="index an archive of images into a bundle")
+    b.add_argument("--images", required=True, help="folder tree, .zip of images, or .npz of arrays")
+    b.add_argument("--labels", help="CSV keyed by relative path (column 'path'); default: labels.csv beside it")
+    b.add_argument("--out", required=True, help="bundle directory (a new version is published atomically)")
+    b.add_argument("--extractors", default="cnn,hog,bovw", help="comma-separated: cnn, hog, bovw")
+    b.add_argument("--model", default="tf_efficientnet_lite0", help="timm backbone for cnn")
+    b.add_argument("--weights", help="imagenet (offline package), timm (hub download), random, or a file")
+    b.add_argument("--image-size", type=int, default=0, help="cnn input side (default 224)")
+    b.add_argument("--pca-dim", type=int, default=0, help="reduce cnn descriptors with PCA")
+    b.add_argument("--whiten", action="store_true", help="whiten the PCA components")
+    b.add_argument("--bovw-words", type=int, default=4000, help="BoVW vocabulary size")
+    b.add_argument("--fit-sample", type=int, default=5000, help="images sampled to fit the BoVW vocabulary")
+    b.add_argument("--batch-size", type=int, default=64)
+    b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    b.add_argument("--select", action="append", metavar="FIELD=VALUE", help="index only matching images")
+    b.add_argument("--no-progress", action="store_true")
+    b.set_defaults(func=cmd_build)
+
+    e = sub.add_parser("eval", help="retrieval quality of a bundle (mP@k, seed mAP, AP@10)")
+    e.add_argument("--index", required=True)
+    e.add_argument("--queries", help="external query images (default: leave-one-out over the archive)")
+    e.add_argument("--query-labels", help="labels CSV for --queries")
+    e.add_argument("--methods", help="comma-separated, e.g. cnn,hog,bovw,cnn+hog (A+B = A re-ranked by B)")
+    e.add_argument("--k-prep", type=int, default=10, help="candidates re-ranked for A+B methods")
+    e.add_argument("--relevance", default="label", help="comma-separated fields; a&b needs both to match")
+    e.add_argument("--exclude-same", help="never retrieve images sharing this field with the query (patient_id)")
+    e.add_argument("--json", help="write the result document here")
+    e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(func=cmd_eval)
+
+    i = sub.add_parser("info", help="validate a bundle and print its summary")
+    i.add_argument("--index", required=True)
+    i.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("serve", help="serve a bundle over gRPC")
+    s.add_argument("--index", required=True)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=50051)
+    s.add_argument("--max-k", type=int, default=100)
+    s.add_argument("--workers", type=int, default=8, help="request threads")
+    s.add_argument("--max-concurrent", type=int, default=0, help="searches in flight (default: 2 x workers)")
+    s.add_argument("--max-message-mb", type=int, default=64, help="largest request accepted")
+    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    s.set_defaults(func=cmd_serve)
+
+    q = sub.add_parser("query", help="send an image to a running server and print the hits")
+    q.add_argument("--target", default="127.0.0.1:50051")
+    q.add_argument("--image", required=True)
+    q.add_argument("-k", type=int, default=10)
+    q.add_argument("--method", default="cnn")
+    q.add_argument("--rerank")
+    q.add_argument("--k-prep", type=int, default=0)
+    q.add_argument("--filter", action="append", metavar="FIELD=VALUE")
+    q.add_argument("--timeout", type=float, default=30.0)
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_query)
+
+    d = sub.add_parser("demo", help="index the DICOM files of pydicom-data, serve them and query (offline)")
+    d.add_argument("--out", default=os.path.join("bundles", "demo"))
+    d.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    d.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    try:
+        return int(args.func(args) or 0)
+    except CbmirError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

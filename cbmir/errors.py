@@ -1,0 +1,29 @@
+"""Exception types shared by the offline tools and the service.
+
+The gRPC layer maps each class to one status code in a single place (``cbmir.server.status``); the CLI prints the
+message and exits non-zero. Messages say what was wrong and how to fix it.
+"""
+
+
+class CbmirError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class InvalidInputError(CbmirError, ValueError):
+    """The caller sent something unusable: an undecodable image, k out of range, a wrong-size vector, ..."""
+
+
+class NotFoundError(CbmirError, LookupError):
+    """A named thing (archive id, index bundle, method) does not exist."""
+
+
+class BundleError(CbmirError):
+    """An index bundle is missing, half-written, truncated or altered."""
+
+
+class NotReadyError(CbmirError):
+    """The service has not finished loading or is shutting down."""
+
+
+class OverloadedError(CbmirError):
+    """Too many requests in flight; the caller should retry with back-off."""

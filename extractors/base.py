@@ -1,0 +1,80 @@
+"""The contract every descriptor extractor fulfils."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+METRICS = ("l2", "l1", "cosine")
+"""Distance of a descriptor: Euclidean, L1 (city block), or cosine distance (1 - cosine similarity)."""
+
+
+def resolve_device(device: str) -> torch.device:
+    """Map ``auto`` to CUDA when present, otherwise CPU; pass ``cpu``/``cuda``/``cuda:N`` through."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but CUDA is not available; use --device auto or cpu")
+    return torch.device(device)
+
+
+class Extractor(abc.ABC):
+    """Turns a batch of 2-D float32 images in [0, 1] into descriptor rows.
+
+    Lifecycle in an index build: :meth:`fit` on a sample (only when :attr:`needs_fit`), :meth:`extract` on every
+    batch, then :meth:`fit_archive` once on the stacked raw descriptors. :meth:`transform` maps raw descriptors
+    (archive or query) to the searchable form. :meth:`state` and :meth:`load_state` persist what was fitted.
+    """
+
+    name: ClassVar[str] = ""
+    metric: ClassVar[str] = "l2"
+    needs_fit: ClassVar[bool] = False
+
+    @property
+    @abc.abstractmethod
+    def dim(self) -> int:
+        """Length of a searchable descriptor (after :meth:`transform`)."""
+
+    @abc.abstractmethod
+    def config(self) -> dict[str, Any]:
+        """JSON-serialisable constructor arguments; ``create_extractor(name, **config())`` rebuilds it."""
+
+    @abc.abstractmethod
+    def extract(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """Raw descriptors, (N, D_raw) float32, for N images of any size."""
+
+    def fit(self, images: Sequence[np.ndarray]) -> None:
+        """Learn what :meth:`extract` needs from a sample of archive images (e.g. a visual vocabulary)."""
+
+    def fit_archive(self, raw: np.ndarray) -> None:
+        """Learn archive-wide statistics (IDF, PCA) from all raw archive descriptors, (N, D_raw)."""
+
+    def transform(self, raw: np.ndarray) -> np.ndarray:
+        """Map raw descriptors (N, D_raw) to searchable ones (N, dim) float32."""
+        return np.ascontiguousarray(raw, dtype=np.float32)
+
+    def describe(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """Searchable descriptors of query images: ``transform(extract(images))``."""
+        return self.transform(self.extract(images))
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Fitted arrays to store in the bundle."""
+        return {}
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        """Restore what :meth:`state` returned."""
+
+    @classmethod
+    def restore(cls, config: dict[str, Any], state: dict[str, np.ndarray], device: str = "auto") -> Extractor:
+        """Rebuild a fitted extractor from a bundle's config and state."""
+        extractor = cls(**config, device=device)
+        extractor.load_state(state)
+        return extractor
+
+    def warmup(self) -> None:
+        """Run once on a dummy input so the first real request does not pay for lazy initialisation."""
+        self.describe([np.zeros((64, 64), dtype=np.float32)])

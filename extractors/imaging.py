@@ -1,0 +1,195 @@
+"""Image decoding and the preprocessing every extractor shares.
+
+Every image inside cbmir is a 2-D ``float32`` array in ``[0, 1]`` (grayscale, brightest = 1). This module turns
+encoded bytes (PNG, JPEG, DICOM, detected from content), DICOM datasets and raw pixel arrays into that form, and
+resizes batches of them to a common square size. Extractors replicate grayscale to 3 channels where a backbone
+needs it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import cv2
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from cbmir.errors import InvalidInputError
+
+DEFAULT_MAX_PIXELS = 64_000_000
+"""Largest decoded image (width x height) accepted; guards against decompression bombs."""
+
+DICOM_HEADER_FIELDS = ("Modality", "BodyPartExamined", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+PATIENT_ID_SALT = b"cbmir-patient-v1"
+
+
+def is_dicom(data: bytes) -> bool:
+    """True when ``data`` starts like a DICOM Part 10 file (128-byte preamble then ``DICM``)."""
+    return len(data) >= 132 and data[128:132] == b"DICM"
+
+
+def to_unit_gray(pixels: np.ndarray) -> np.ndarray:
+    """Convert a 2-D or colour (H, W, 3|4) array to a 2-D float32 image in [0, 1].
+
+    ``uint8`` is divided by 255; every other type is min-max stretched (a constant image becomes zeros), since
+    16-bit and float medical images rarely use their full range. Non-finite values are rejected.
+    """
+    arr = np.asarray(pixels)
+    if arr.ndim == 3 and arr.shape[2] in (3, 4):
+        arr = arr[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        if np.asarray(pixels).dtype == np.uint8:
+            return np.clip(arr / 255.0, 0.0, 1.0).astype(np.float32)
+    elif arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[..., 0]
+    if arr.ndim != 2:
+        raise InvalidInputError(f"expected a 2-D grayscale or (H, W, 3) colour image, got shape {arr.shape}")
+    if arr.shape[0] < 2 or arr.shape[1] < 2:
+        raise InvalidInputError(f"image is too small ({arr.shape[1]}x{arr.shape[0]}); send at least 2x2 pixels")
+    if arr.dtype == np.uint8:
+        return arr.astype(np.float32) * np.float32(1.0 / 255.0)
+    arr = arr.astype(np.float32)
+    if not np.isfinite(arr).all():
+        raise InvalidInputError("image contains NaN or infinite values")
+    lo, hi = float(arr.min()), float(arr.max())
+    if hi <= lo:
+        return np.zeros_like(arr)
+    return (arr - lo) * np.float32(1.0 / (hi - lo))
+
+
+def _check_size(width: int, height: int, max_pixels: int, source: str) -> None:
+    if width * height > max_pixels:
+        raise InvalidInputError(
+            f"{source}: image of {width}x{height} pixels exceeds the limit of {max_pixels} pixels; downscale it"
+        )
+
+
+def decode_image(data: bytes, *, source: str = "image", max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode PNG, JPEG or DICOM bytes (detected from content) to a 2-D float32 image in [0, 1].
+
+    Raises:
+        InvalidInputError: the bytes are empty, not a supported image, corrupt, or too large.
+    """
+    if not data:
+        raise InvalidInputError(f"{source}: empty image; send the PNG, JPEG or DICOM file's bytes")
+    if is_dicom(data):
+        image, _ = decode_dicom(data, source=source, max_pixels=max_pixels)
+        return image
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            _check_size(img.width, img.height, max_pixels, source)
+            img.load()
+            if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                pixels = np.asarray(img)
+            elif img.mode == "L":
+                pixels = np.asarray(img)
+            else:
+                pixels = np.asarray(img.convert("L"))
+    except InvalidInputError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise InvalidInputError(
+            f"{source}: cannot decode image ({exc}); send PNG, JPEG or DICOM (Part 10) bytes"
+        ) from exc
+    return to_unit_gray(pixels)
+
+
+def decode_dicom(
+    data: bytes | str, *, source: str = "dicom", max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[np.ndarray, dict[str, str]]:
+    """Decode a DICOM file (bytes or path) to a windowed 2-D image in [0, 1] and its header metadata.
+
+    The modality LUT and the VOI window (or VOI LUT) from the file are applied; without a window the image is
+    min-max stretched. MONOCHROME1 is inverted so bone is bright. Colour images become luminance. Multi-frame
+    images use their middle frame.
+    """
+    import pydicom
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut, convert_color_space
+
+    try:
+        stream = io.BytesIO(data) if isinstance(data, bytes) else data
+        ds = pydicom.dcmread(stream)
+        rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
+        _check_size(cols, rows, max_pixels, source)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        index = frames // 2 if frames > 1 else None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pixels = ds.pixel_array if index is None else ds.pixel_array[index]
+        photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+        if photometric == "PALETTE COLOR":
+            from pydicom.pixels import apply_color_lut
+
+            pixels = apply_color_lut(pixels, ds)
+        elif photometric.startswith("YBR") and pixels.ndim == 3:
+            pixels = convert_color_space(pixels, photometric, "RGB")
+        if pixels.ndim == 2:
+            pixels = apply_modality_lut(pixels, ds)
+            if "WindowCenter" in ds or "VOILUTSequence" in ds:
+                pixels = apply_voi_lut(pixels, ds, index=0)
+            image = to_unit_gray(pixels.astype(np.float32))
+            if photometric == "MONOCHROME1":
+                image = 1.0 - image
+        else:
+            image = to_unit_gray(pixels)
+    except InvalidInputError:
+        raise
+    except Exception as exc:  # pydicom raises many unrelated types for corrupt files
+        raise InvalidInputError(f"{source}: cannot decode DICOM ({type(exc).__name__}: {exc})") from exc
+    return image.astype(np.float32), dicom_metadata(ds)
+
+
+def dicom_metadata(ds: Any) -> dict[str, str]:
+    """Header fields usable as search filters; the patient id only as a salted SHA-256 prefix."""
+    meta = {field: str(ds.get(field)) for field in DICOM_HEADER_FIELDS if ds.get(field) not in (None, "")}
+    if "Modality" in meta:
+        meta["modality"] = meta["Modality"]
+    if "BodyPartExamined" in meta:
+        meta["body_region"] = meta["BodyPartExamined"].lower()
+    patient = ds.get("PatientID")
+    if patient:
+        meta["patient_id"] = hashlib.sha256(PATIENT_ID_SALT + str(patient).encode()).hexdigest()[:16]
+    return meta
+
+
+def pixels_from_buffer(width: int, height: int, dtype: str, data: bytes) -> np.ndarray:
+    """Build an image from a raw row-major pixel buffer (``uint8``, ``uint16`` or ``float32``, little-endian)."""
+    allowed = {"uint8": np.uint8, "uint16": np.dtype("<u2"), "float32": np.dtype("<f4")}
+    if dtype not in allowed:
+        raise InvalidInputError(f"unsupported pixel dtype {dtype!r}; use one of {sorted(allowed)}")
+    if width <= 0 or height <= 0:
+        raise InvalidInputError(f"pixel array needs positive width and height, got {width}x{height}")
+    itemsize = np.dtype(allowed[dtype]).itemsize
+    expected = width * height * itemsize
+    if len(data) != expected:
+        raise InvalidInputError(
+            f"pixel buffer has {len(data)} bytes but {width}x{height} {dtype} needs {expected}"
+        )
+    return to_unit_gray(np.frombuffer(data, dtype=allowed[dtype]).reshape(height, width))
+
+
+def resize_batch(images: Sequence[np.ndarray], size: int) -> np.ndarray:
+    """Resize 2-D images to ``size`` x ``size`` (area interpolation when shrinking, bilinear when enlarging).
+
+    Args:
+        images: N arrays of shape (H_i, W_i), float32 in [0, 1].
+        size: output side length.
+
+    Returns:
+        (N, size, size) float32.
+    """
+    out = np.empty((len(images), size, size), dtype=np.float32)
+    for i, img in enumerate(images):
+        if img.shape == (size, size):
+            out[i] = img
+            continue
+        shrink = img.shape[0] > size or img.shape[1] > size
+        out[i] = cv2.resize(
+            np.ascontiguousarray(img, dtype=np.float32),
+            (size, size),
+            interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR,
+        )
+    return out

@@ -1,0 +1,205 @@
+"""Archive readers: one record type from a folder tree, a zip of images, or an .npz of arrays.
+
+An :class:`Archive` lists its entries (id, uri, metadata) up front, cheaply, and decodes one image on demand,
+so a build can stream, batch and report unreadable files without stopping. Labels come from a CSV keyed by
+relative path (column ``path``; ``labels.csv`` beside or inside the archive is found automatically) or,
+without one, from the parent folder's name.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cbmir.errors import InvalidInputError, NotFoundError
+from cbmir.extractors.imaging import decode_dicom, decode_image, is_dicom, to_unit_gray
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".bmp"}
+
+
+@dataclass(frozen=True)
+class ArchiveEntry:
+    """One archive image before decoding."""
+
+    id: str
+    uri: str
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class ImageRecord:
+    """One decoded archive image: ``image`` is 2-D float32 in [0, 1]."""
+
+    id: str
+    uri: str
+    image: np.ndarray
+    metadata: dict[str, str]
+
+
+class Archive:
+    """Base class: ``entries`` plus :meth:`load`, which decodes entry ``i`` or raises InvalidInputError."""
+
+    def __init__(self, entries: list[ArchiveEntry], source: str) -> None:
+        self.entries = entries
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def load(self, index: int) -> ImageRecord:
+        raise NotImplementedError
+
+    def select(self, where: dict[str, str]) -> Archive:
+        """Keep only entries whose metadata matches every ``field=value`` pair in ``where``."""
+        if not where:
+            return self
+        known = {k for e in self.entries for k in e.metadata}
+        unknown = sorted(set(where) - known)
+        if unknown:
+            raise InvalidInputError(f"cannot select on unknown metadata field(s) {unknown}; known: {sorted(known)}")
+        keep = [i for i, e in enumerate(self.entries) if all(e.metadata.get(k) == v for k, v in where.items())]
+        return _Subset(self, keep)
+
+
+class _Subset(Archive):
+    def __init__(self, parent: Archive, indices: Sequence[int]) -> None:
+        super().__init__([parent.entries[i] for i in indices], parent.source)
+        self._parent, self._indices = parent, list(indices)
+
+    def load(self, index: int) -> ImageRecord:
+        return self._parent.load(self._indices[index])
+
+
+def _decode_file_bytes(data: bytes, source: str) -> tuple[np.ndarray, dict[str, str]]:
+    if is_dicom(data):
+        return decode_dicom(data, source=source)
+    return decode_image(data, source=source), {}
+
+
+def read_labels_csv(path: str | os.PathLike[str]) -> dict[str, dict[str, str]]:
+    """Rows of a labels CSV keyed by its ``path`` column (or its first column)."""
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        if not reader.fieldnames:
+            raise InvalidInputError(f"labels CSV {path} has no header row")
+        key = "path" if "path" in reader.fieldnames else reader.fieldnames[0]
+        return {row[key]: {k: v for k, v in row.items() if k != key and v is not None} for row in reader}
+
+
+class FolderArchive(Archive):
+    """PNG/JPEG/DICOM files under a folder; ids are paths relative to it."""
+
+    def __init__(self, root: str | os.PathLike[str], labels: str | os.PathLike[str] | None = None) -> None:
+        self.root = Path(root).resolve()
+        files = sorted(
+            p for p in self.root.rglob("*") if p.is_file() and (p.suffix.lower() in IMAGE_SUFFIXES or not p.suffix)
+        )
+        rows = read_labels_csv(labels) if labels else None
+        entries = []
+        for path in files:
+            rel = path.relative_to(self.root).as_posix()
+            if rows is not None:
+                if rel not in rows:
+                    continue
+                meta = dict(rows[rel])
+            else:
+                meta = {"label": path.parent.name} if path.parent != self.root else {}
+            entries.append(ArchiveEntry(rel, path.as_uri(), meta))
+        super().__init__(entries, str(self.root))
+        self.missing = sorted(set(rows) - {e.id for e in entries}) if rows is not None else []
+
+    def load(self, index: int) -> ImageRecord:
+        entry = self.entries[index]
+        try:
+            data = (self.root / entry.id).read_bytes()
+        except OSError as exc:
+            raise InvalidInputError(f"{entry.uri}: cannot read file ({exc})") from exc
+        image, header = _decode_file_bytes(data, entry.uri)
+        return ImageRecord(entry.id, entry.uri, image, {**header, **entry.metadata})
+
+
+class ZipArchive(Archive):
+    """Images stored as members of a zip file; ids are member names."""
+
+    def __init__(self, path: str | os.PathLike[str], labels: str | os.PathLike[str] | None = None) -> None:
+        self.path = Path(path).resolve()
+        try:
+            self._zip = zipfile.ZipFile(self.path)
+        except (OSError, zipfile.BadZipFile) as exc:
+            raise InvalidInputError(f"cannot open zip archive {self.path}: {exc}") from exc
+        members = [
+            n for n in self._zip.namelist() if not n.endswith("/") and Path(n).suffix.lower() in IMAGE_SUFFIXES
+        ]
+        rows = read_labels_csv(labels) if labels else None
+        entries = []
+        for name in members:
+            if rows is not None and name not in rows:
+                continue
+            meta = dict(rows[name]) if rows is not None else ({"label": name.split("/")[-2]} if "/" in name else {})
+            entries.append(ArchiveEntry(name, f"zip://{self.path}!{name}", meta))
+        super().__init__(entries, str(self.path))
+        self.missing = sorted(set(rows) - set(members)) if rows is not None else []
+
+    def load(self, index: int) -> ImageRecord:
+        entry = self.entries[index]
+        try:
+            data = self._zip.read(entry.id)
+        except (OSError, zipfile.BadZipFile, KeyError) as exc:
+            raise InvalidInputError(f"{entry.uri}: cannot read zip member ({exc})") from exc
+        image, header = _decode_file_bytes(data, entry.uri)
+        return ImageRecord(entry.id, entry.uri, image, {**header, **entry.metadata})
+
+
+class NpzArchive(Archive):
+    """Arrays in an .npz: ``<split>_images`` (N, H, W) with optional ``<split>_labels``; ids ``<split>/<i>``."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path).resolve()
+        try:
+            data = np.load(self.path)
+        except (OSError, ValueError) as exc:
+            raise InvalidInputError(f"cannot open npz archive {self.path}: {exc}") from exc
+        self._arrays: dict[str, np.ndarray] = {}
+        entries = []
+        image_keys = sorted(k for k in data.files if k.endswith("images")) or sorted(data.files)
+        for key in image_keys:
+            split = key[: -len("_images")] if key.endswith("_images") else key
+            images = data[key]
+            labels = data[f"{split}_labels"].reshape(len(images), -1) if f"{split}_labels" in data.files else None
+            self._arrays[split] = images
+            for i in range(len(images)):
+                meta = {"split": split}
+                if labels is not None:
+                    meta["label"] = ",".join(str(v) for v in labels[i])
+                entries.append(ArchiveEntry(f"{split}/{i:06d}", f"npz://{self.path}!{split}/{i}", meta))
+        super().__init__(entries, str(self.path))
+        self.missing: list[str] = []
+
+    def load(self, index: int) -> ImageRecord:
+        entry = self.entries[index]
+        split, row = entry.id.rsplit("/", 1)
+        return ImageRecord(entry.id, entry.uri, to_unit_gray(self._arrays[split][int(row)]), dict(entry.metadata))
+
+
+def open_archive(path: str | os.PathLike[str], labels: str | os.PathLike[str] | None = None) -> Archive:
+    """Open a folder, a .zip or an .npz; a ``labels.csv`` beside (zip) or inside (folder) is used by default."""
+    p = Path(path)
+    if not p.exists():
+        raise NotFoundError(f"archive {p} does not exist; pass --images with a folder, .zip or .npz")
+    if labels is not None and not Path(labels).is_file():
+        raise NotFoundError(f"labels CSV {labels} does not exist")
+    if p.is_dir():
+        default = p / "labels.csv"
+        return FolderArchive(p, labels or (default if default.is_file() else None))
+    if p.suffix.lower() == ".zip":
+        default = p.parent / "labels.csv"
+        return ZipArchive(p, labels or (default if default.is_file() else None))
+    if p.suffix.lower() == ".npz":
+        return NpzArchive(p)
+    raise InvalidInputError(f"unsupported archive {p}: use a folder of images, a .zip or an .npz")

@@ -1,0 +1,208 @@
+"""The offline phase: archive -> batched descriptors -> index bundle."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from cbmir.errors import InvalidInputError
+from cbmir.extractors import Extractor, create_extractor, resolve_device
+
+from .archive import Archive, ImageRecord
+from .bundle import RECORDS, BundleWriter
+
+log = logging.getLogger("cbmir.build")
+
+
+@dataclass
+class BuildReport:
+    """What a build did: counts, skipped files with reasons, and per-stage seconds."""
+
+    path: Path
+    count: int
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    images_per_s: dict[str, float] = field(default_factory=dict)
+
+
+def _load_batch(archive: Archive, indices: Sequence[int]) -> tuple[list[ImageRecord], list[dict[str, str]]]:
+    records, skipped = [], []
+    for i in indices:
+        try:
+            records.append(archive.load(i))
+        except InvalidInputError as exc:
+            skipped.append({"id": archive.entries[i].id, "uri": archive.entries[i].uri, "error": str(exc)})
+    return records, skipped
+
+
+def _records_columns(records: list[tuple[str, str, dict[str, str]]]) -> dict[str, Any]:
+    fields = sorted({k for _, _, meta in records for k in meta})
+    return {
+        "ids": [r[0] for r in records],
+        "uris": [r[1] for r in records],
+        "metadata": {f: [meta.get(f, "") for _, _, meta in records] for f in fields},
+    }
+
+
+def build_bundle(
+    archive: Archive,
+    out: str | Path,
+    extractors: dict[str, dict[str, Any]],
+    *,
+    batch_size: int = 64,
+    device: str = "auto",
+    fit_sample: int = 5000,
+    seed: int = 0,
+    progress: bool = True,
+    on_skip: Callable[[dict[str, str]], None] | None = None,
+) -> BuildReport:
+    """Extract every archive image with each extractor and write a new bundle version under ``out``.
+
+    Args:
+        archive: the images to index.
+        out: bundle root; a new version is published there atomically.
+        extractors: method name -> extractor configuration (``{"cnn": {"image_size": 128}, "hog": {}}``).
+        batch_size: images decoded and described per step.
+        device: ``auto``, ``cpu`` or ``cuda`` for the torch extractors.
+        fit_sample: images sampled for extractors that learn before extracting (BoVW vocabulary).
+        seed: sampling seed.
+        progress: show a progress bar.
+        on_skip: called for every unreadable image (default: log a warning).
+
+    Raises:
+        InvalidInputError: empty archive, unknown extractor, or every image unreadable.
+    """
+    if len(archive) == 0:
+        raise InvalidInputError(f"archive {archive.source} holds no images")
+    if batch_size < 1:
+        raise InvalidInputError(f"batch_size must be positive, got {batch_size}")
+    torch_device = resolve_device(device)
+    on_skip = on_skip or (lambda s: log.warning("skipped %s: %s", s["uri"], s["error"]))
+    timings: dict[str, float] = {}
+    methods: dict[str, Extractor] = {}
+    t0 = time.perf_counter()
+    for name, config in extractors.items():
+        methods[name] = create_extractor(config.get("extractor", name), **_without(config, "extractor"),
+                                         device=device)
+    timings["load_models"] = time.perf_counter() - t0
+
+    skipped: list[dict[str, str]] = []
+    to_fit = [name for name, ex in methods.items() if ex.needs_fit]
+    if to_fit:
+        t0 = time.perf_counter()
+        rng = np.random.default_rng(seed)
+        sample_idx = np.sort(rng.choice(len(archive), size=min(fit_sample, len(archive)), replace=False))
+        sample, _ = _load_batch(archive, sample_idx)
+        for name in to_fit:
+            t1 = time.perf_counter()
+            methods[name].fit([r.image for r in sample])
+            timings[f"fit_{name}"] = time.perf_counter() - t1
+        timings["fit_total"] = time.perf_counter() - t0
+
+    raw: dict[str, list[np.ndarray]] = {name: [] for name in methods}
+    extract_s = {name: 0.0 for name in methods}
+    records: list[tuple[str, str, dict[str, str]]] = []
+    decode_s = 0.0
+    batches = [range(i, min(i + batch_size, len(archive))) for i in range(0, len(archive), batch_size)]
+    bar = tqdm(total=len(archive), desc="indexing", unit="img", disable=not progress, dynamic_ncols=True)
+    t_loop = time.perf_counter()
+    with ThreadPoolExecutor(1) as prefetch:
+        pending = prefetch.submit(_load_batch, archive, batches[0])
+        for b in range(len(batches)):
+            t0 = time.perf_counter()
+            batch_records, batch_skipped = pending.result()
+            decode_s += time.perf_counter() - t0
+            if b + 1 < len(batches):
+                pending = prefetch.submit(_load_batch, archive, batches[b + 1])
+            for s in batch_skipped:
+                on_skip(s)
+            skipped.extend(batch_skipped)
+            if batch_records:
+                images = [r.image for r in batch_records]
+                for name, ex in methods.items():
+                    t0 = time.perf_counter()
+                    raw[name].append(ex.extract(images))
+                    extract_s[name] += time.perf_counter() - t0
+                records.extend((r.id, r.uri, r.metadata) for r in batch_records)
+            bar.update(len(batches[b]))
+            bar.set_postfix(skipped=len(skipped))
+    bar.close()
+    timings["extract_loop"] = time.perf_counter() - t_loop
+    timings["decode_wait"] = decode_s
+    if not records:
+        raise InvalidInputError(f"none of the {len(archive)} images in {archive.source} could be read")
+
+    t0 = time.perf_counter()
+    descriptors: dict[str, np.ndarray] = {}
+    for name, ex in methods.items():
+        stacked = np.concatenate(raw.pop(name))
+        ex.fit_archive(stacked)
+        descriptors[name] = ex.transform(stacked)
+        del stacked
+    timings["fit_archive"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    method_info: dict[str, Any] = {}
+    with BundleWriter(out) as writer:
+        writer.write_json(RECORDS, _records_columns(records))
+        for name, ex in methods.items():
+            files = {"descriptors": f"{name}.npy"}
+            writer.write_array(files["descriptors"], descriptors[name])
+            state = ex.state()
+            if state:
+                files["state"] = f"{name}.state.npz"
+                writer.write_arrays(files["state"], state)
+            seconds = extract_s[name] + timings.get(f"fit_{name}", 0.0)
+            method_info[name] = {
+                "extractor": ex.name,
+                "config": ex.config(),
+                "dim": ex.dim,
+                "metric": ex.metric,
+                "index_type": "flat",
+                "files": files,
+                "extract_s": round(extract_s[name], 3),
+                "images_per_s": round(len(records) / max(extract_s[name], 1e-9), 1),
+                "fit_s": round(timings.get(f"fit_{name}", 0.0), 3),
+                "total_s": round(seconds, 3),
+            }
+        timings["write"] = time.perf_counter() - t0
+        manifest = {
+            "count": len(records),
+            "source": {"archive": archive.source, "entries": len(archive), "skipped": len(skipped)},
+            "skipped": skipped[:1000],
+            "methods": method_info,
+            "build": {
+                "device": str(torch_device),
+                "batch_size": batch_size,
+                "fit_sample": fit_sample,
+                "seed": seed,
+                "torch_threads": torch.get_num_threads(),
+                "host": platform.node(),
+                "platform": platform.platform(),
+                "processor": platform.processor() or platform.machine(),
+                "torch": torch.__version__,
+                "timings_s": {k: round(v, 3) for k, v in timings.items()},
+            },
+        }
+        path = writer.commit(manifest)
+    return BuildReport(
+        path=path,
+        count=len(records),
+        skipped=skipped,
+        timings=timings,
+        images_per_s={n: method_info[n]["images_per_s"] for n in methods},
+    )
+
+
+def _without(config: dict[str, Any], key: str) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k != key}

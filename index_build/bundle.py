@@ -1,0 +1,289 @@
+"""The index bundle: a versioned directory of descriptors, records, fitted state and a checksummed manifest.
+
+Layout::
+
+    DIR/
+      CURRENT                  name of the live version (replaced atomically)
+      v20261122T101500Z-3fa1/  one immutable version
+        manifest.json          format version, methods (extractor config, dim, metric, index type), counts,
+                               build settings and timings, sha256 and size of every other file
+        records.json           ids, uris and metadata columns, row-aligned with the descriptors
+        <method>.npy           searchable descriptors, float32 (N, dim)
+        <method>.state.npz     fitted extractor state (network weights, vocabulary, IDF, PCA)
+
+A version is written into a temporary directory, fsynced, renamed into place, and only then named by
+``CURRENT``, so a crash at any point leaves the previous version intact and loadable.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from cbmir import __version__
+from cbmir.errors import BundleError, NotFoundError
+
+FORMAT = "cbmir-bundle"
+FORMAT_VERSION = 1
+CURRENT = "CURRENT"
+MANIFEST = "manifest.json"
+RECORDS = "records.json"
+KEEP_VERSIONS = 2
+
+FAISS_METRICS = {"l2": faiss.METRIC_L2, "l1": faiss.METRIC_L1, "cosine": faiss.METRIC_INNER_PRODUCT}
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_bytes_durably(path: Path, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+class BundleWriter:
+    """Collects the files of one new version and publishes it atomically with :meth:`commit`."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        if self.root.exists() and not self.root.is_dir():
+            raise BundleError(f"{self.root} exists and is not a directory")
+        if self.root.is_dir() and any(self.root.iterdir()) and not (self.root / CURRENT).exists():
+            raise BundleError(f"{self.root} is a non-empty directory that is not an index bundle; choose another --out")
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.root / f".tmp-{uuid.uuid4().hex[:12]}"
+        self.tmp.mkdir()
+        self._files: list[str] = []
+
+    def write_array(self, name: str, array: np.ndarray) -> None:
+        with open(self.tmp / name, "wb") as fh:
+            np.save(fh, np.ascontiguousarray(array), allow_pickle=False)
+        self._files.append(name)
+
+    def write_arrays(self, name: str, arrays: dict[str, np.ndarray]) -> None:
+        with open(self.tmp / name, "wb") as fh:
+            np.savez(fh, **arrays)
+        self._files.append(name)
+
+    def write_json(self, name: str, obj: Any) -> None:
+        (self.tmp / name).write_text(json.dumps(obj, separators=(",", ":")))
+        self._files.append(name)
+
+    def commit(self, manifest: dict[str, Any]) -> Path:
+        """Checksum, fsync and publish; returns the new version directory."""
+        files = {}
+        for name in self._files:
+            path = self.tmp / name
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+            files[name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+        now = _dt.datetime.now(_dt.timezone.utc)
+        version = f"v{now.strftime('%Y%m%dT%H%M%S%fZ')}-{uuid.uuid4().hex[:6]}"
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "version": version,
+            "created": now.isoformat(),
+            "cbmir_version": __version__,
+            **manifest,
+            "files": files,
+        }
+        _write_bytes_durably(self.tmp / MANIFEST, json.dumps(manifest, indent=2).encode())
+        _fsync_dir(self.tmp)
+        final = self.root / version
+        os.rename(self.tmp, final)
+        pointer = self.root / f".{CURRENT}.{uuid.uuid4().hex[:8]}"
+        _write_bytes_durably(pointer, version.encode())
+        os.replace(pointer, self.root / CURRENT)
+        _fsync_dir(self.root)
+        self._prune(keep=version)
+        return final
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def _prune(self, keep: str) -> None:
+        versions = sorted(p for p in self.root.iterdir() if p.is_dir() and p.name.startswith("v"))
+        for old in versions[:-KEEP_VERSIONS]:
+            if old.name != keep:
+                shutil.rmtree(old, ignore_errors=True)
+        for stale in self.root.glob(".tmp-*"):
+            if stale != self.tmp:
+                shutil.rmtree(stale, ignore_errors=True)
+
+    def __enter__(self) -> BundleWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+def resolve_version_dir(path: str | os.PathLike[str]) -> Path:
+    """The live version directory of a bundle root (via ``CURRENT``), or ``path`` if it is a version itself."""
+    p = Path(path)
+    if not p.exists():
+        raise NotFoundError(f"index bundle {p} does not exist; build one with 'cbmir build --out {p}'")
+    if (p / CURRENT).is_file():
+        version = (p / CURRENT).read_text().strip()
+        if not version or "/" in version or not (p / version).is_dir():
+            raise BundleError(f"{p / CURRENT} names version {version!r}, which is missing")
+        return p / version
+    if (p / MANIFEST).is_file():
+        return p
+    raise BundleError(f"{p} is not an index bundle: neither {CURRENT} nor {MANIFEST} found")
+
+
+def read_manifest(version_dir: Path) -> dict[str, Any]:
+    path = version_dir / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{path}: unreadable manifest ({exc})") from exc
+    if manifest.get("format") != FORMAT:
+        raise BundleError(f"{path}: not a cbmir bundle manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise BundleError(
+            f"{path}: bundle format version {manifest.get('format_version')} is not supported "
+            f"(this cbmir reads version {FORMAT_VERSION}); rebuild the bundle"
+        )
+    return manifest
+
+
+def verify_files(version_dir: Path, manifest: dict[str, Any]) -> None:
+    """Check that every file the manifest lists exists with its recorded size and sha256."""
+    for name, info in manifest.get("files", {}).items():
+        path = version_dir / name
+        if not path.is_file():
+            raise BundleError(f"{path}: file listed in the manifest is missing")
+        size = path.stat().st_size
+        if size != info["bytes"]:
+            raise BundleError(f"{path}: size {size} bytes differs from the manifest's {info['bytes']} (truncated?)")
+        if sha256_file(path) != info["sha256"]:
+            raise BundleError(f"{path}: sha256 checksum differs from the manifest (file altered or corrupt)")
+
+
+@dataclass
+class MethodIndex:
+    """One searchable descriptor of a bundle: its FAISS index and the row-aligned descriptor matrix."""
+
+    name: str
+    extractor: str
+    config: dict[str, Any]
+    metric: str
+    dim: int
+    index_type: str
+    index: faiss.Index
+    descriptors: np.ndarray
+    state: dict[str, np.ndarray]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _flat_index(descriptors: np.ndarray, metric: str) -> tuple[faiss.Index, np.ndarray]:
+    """A flat FAISS index over ``descriptors`` and a zero-copy numpy view of its storage."""
+    n, d = descriptors.shape
+    index = faiss.IndexFlat(d, FAISS_METRICS[metric])
+    index.add(np.ascontiguousarray(descriptors, dtype=np.float32))
+    view = faiss.rev_swig_ptr(index.get_xb(), n * d).reshape(n, d) if n else np.zeros((0, d), np.float32)
+    return index, view
+
+
+@dataclass
+class Bundle:
+    """A loaded, validated index bundle."""
+
+    path: Path
+    manifest: dict[str, Any]
+    ids: list[str]
+    uris: list[str]
+    metadata: dict[str, list[str]]
+    methods: dict[str, MethodIndex]
+    row_of: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.row_of = {id_: i for i, id_ in enumerate(self.ids)}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def version(self) -> str:
+        return str(self.manifest.get("version", self.path.name))
+
+    def record_metadata(self, row: int) -> dict[str, str]:
+        return {k: v[row] for k, v in self.metadata.items() if v[row] != ""}
+
+
+def load_bundle(path: str | os.PathLike[str], *, verify: bool = True) -> Bundle:
+    """Load and validate a bundle; every problem raises :class:`BundleError` naming the bad file."""
+    version_dir = resolve_version_dir(path)
+    manifest = read_manifest(version_dir)
+    if verify:
+        verify_files(version_dir, manifest)
+    try:
+        records = json.loads((version_dir / RECORDS).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{version_dir / RECORDS}: unreadable records ({exc})") from exc
+    ids, uris, metadata = records["ids"], records["uris"], records["metadata"]
+    count = manifest["count"]
+    if len(ids) != count or len(uris) != count or any(len(col) != count for col in metadata.values()):
+        raise BundleError(f"{version_dir / RECORDS}: holds a different number of records than the manifest's {count}")
+    methods = {}
+    for name, info in manifest["methods"].items():
+        desc_path = version_dir / info["files"]["descriptors"]
+        try:
+            descriptors = np.load(desc_path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise BundleError(f"{desc_path}: unreadable descriptors ({exc})") from exc
+        if descriptors.shape != (count, info["dim"]) or descriptors.dtype != np.float32:
+            raise BundleError(
+                f"{desc_path}: descriptors are {descriptors.dtype}{descriptors.shape}, "
+                f"expected float32{(count, info['dim'])}"
+            )
+        state: dict[str, np.ndarray] = {}
+        if "state" in info["files"]:
+            state_path = version_dir / info["files"]["state"]
+            try:
+                with np.load(state_path, allow_pickle=False) as npz:
+                    state = {k: npz[k] for k in npz.files}
+            except (OSError, ValueError) as exc:
+                raise BundleError(f"{state_path}: unreadable extractor state ({exc})") from exc
+        index, view = _flat_index(descriptors, info["metric"])
+        methods[name] = MethodIndex(
+            name=name,
+            extractor=info["extractor"],
+            config=info["config"],
+            metric=info["metric"],
+            dim=info["dim"],
+            index_type=info.get("index_type", "flat"),
+            index=index,
+            descriptors=view,
+            state=state,
+            info=info,
+        )
+    return Bundle(version_dir, manifest, ids, uris, metadata, methods)

@@ -1,0 +1,211 @@
+"""Exact k-NN search over a loaded bundle, with metadata filters, exclusions and re-ranking.
+
+This is the one search implementation: the gRPC service and ``cbmir eval`` both call it, so online answers
+equal offline ones. Distances are true distances of the method that ordered the hits: Euclidean (``l2``),
+city-block (``l1``) or cosine distance ``1 - cos`` (``cosine``); smaller is closer everywhere.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+
+from cbmir.errors import InvalidInputError
+from cbmir.extractors import Extractor, extractor_class
+from cbmir.index_build.bundle import Bundle, MethodIndex
+
+from .rerank import candidate_distances
+
+
+@dataclass
+class SearchResult:
+    """Row indices (Q, k) int64, -1 where fewer than k hits exist, and their distances (Q, k) float32 (+inf)."""
+
+    rows: np.ndarray
+    distances: np.ndarray
+
+
+def _to_true_distance(raw: np.ndarray, metric: str) -> np.ndarray:
+    if metric == "l2":
+        return np.sqrt(np.maximum(raw, 0.0))
+    if metric == "cosine":
+        return 1.0 - raw
+    return raw
+
+
+class SearchEngine:
+    """Holds a bundle's indices and (lazily restored, then reused) extractors; answers batched queries."""
+
+    def __init__(self, bundle: Bundle, device: str = "auto") -> None:
+        self.bundle = bundle
+        self.device = device
+        self._extractors: dict[str, Extractor] = {}
+        self._lock = threading.Lock()
+        self._values: dict[str, dict[str, np.ndarray]] = {}
+        for field, column in bundle.metadata.items():
+            col = np.asarray(column, dtype=object)
+            uniques, inverse = np.unique(col.astype(str), return_inverse=True)
+            self._values[field] = {u: np.flatnonzero(inverse == i) for i, u in enumerate(uniques) if u != ""}
+
+    @property
+    def methods(self) -> list[str]:
+        return list(self.bundle.methods)
+
+    @property
+    def filter_fields(self) -> list[str]:
+        return sorted(self._values)
+
+    def method(self, name: str) -> MethodIndex:
+        """The named method's index, or InvalidInputError listing the available ones."""
+        if name not in self.bundle.methods:
+            raise InvalidInputError(f"unknown method {name!r}; this index has {', '.join(self.methods)}")
+        return self.bundle.methods[name]
+
+    def extractor(self, name: str) -> Extractor:
+        """The method's extractor, restored from the bundle once and reused across requests."""
+        ex = self._extractors.get(name)
+        if ex is not None:
+            return ex
+        with self._lock:
+            if name not in self._extractors:
+                info = self.method(name)
+                cls = extractor_class(info.extractor)
+                self._extractors[name] = cls.restore(info.config, info.state, device=self.device)
+            return self._extractors[name]
+
+    def warmup(self) -> None:
+        for name in self.methods:
+            self.extractor(name).warmup()
+
+    def describe(self, name: str, images: Sequence[np.ndarray]) -> np.ndarray:
+        """Searchable descriptors (Q, dim) of query images for one method."""
+        return self.extractor(name).describe(images)
+
+    def check_queries(self, name: str, queries: np.ndarray) -> np.ndarray:
+        """Validate a (Q, dim) query matrix for a method; returns it as contiguous float32."""
+        info = self.method(name)
+        q = np.asarray(queries, dtype=np.float32)
+        if q.ndim == 1:
+            q = q[None, :]
+        if q.ndim != 2 or q.shape[1] != info.dim:
+            raise InvalidInputError(
+                f"method {name!r} takes {info.dim}-dimensional vectors, got shape {tuple(np.shape(queries))}"
+            )
+        if not np.isfinite(q).all():
+            raise InvalidInputError("query vector contains NaN or infinite values")
+        return np.ascontiguousarray(q)
+
+    def allowed_rows(self, filters: Mapping[str, Sequence[str]] | None) -> np.ndarray | None:
+        """Boolean mask of rows whose metadata matches every field (any of its values); None = no filter."""
+        if not filters:
+            return None
+        mask = np.ones(len(self.bundle), dtype=bool)
+        for field, values in filters.items():
+            if field not in self._values:
+                raise InvalidInputError(
+                    f"unknown filter field {field!r}; filterable fields are {', '.join(self.filter_fields)}"
+                )
+            if not values:
+                raise InvalidInputError(f"filter on {field!r} lists no values")
+            field_mask = np.zeros(len(self.bundle), dtype=bool)
+            for value in values:
+                rows = self._values[field].get(value)
+                if rows is not None:
+                    field_mask[rows] = True
+            mask &= field_mask
+        return mask
+
+    def search(
+        self,
+        method: str,
+        queries: np.ndarray,
+        k: int,
+        *,
+        allowed: np.ndarray | None = None,
+        exclude: Sequence[np.ndarray] | None = None,
+        rerank: str | None = None,
+        rerank_queries: np.ndarray | None = None,
+        k_prep: int | None = None,
+    ) -> SearchResult:
+        """Exact top-k for each query row.
+
+        Args:
+            method: method that finds candidates.
+            queries: (Q, dim) descriptors for ``method``.
+            k: hits per query.
+            allowed: (N,) bool mask of searchable rows (metadata filters); exact, never a lossy post-filter.
+            exclude: per query, rows never to return (the query itself, same-patient images).
+            rerank: method whose distance re-sorts the top ``k_prep`` candidates.
+            rerank_queries: (Q, dim_rerank) descriptors for ``rerank``.
+            k_prep: candidates taken from ``method`` before re-ranking (at least k).
+
+        Returns:
+            :class:`SearchResult` with (Q, k) rows and distances.
+        """
+        if k < 1:
+            raise InvalidInputError(f"k must be at least 1, got {k}")
+        info = self.method(method)
+        q = self.check_queries(method, queries)
+        if exclude is not None and len(exclude) != len(q):
+            raise ValueError("exclude needs one entry per query")
+        if rerank is None:
+            return self._knn(info, q, k, allowed, exclude)
+        if rerank_queries is None:
+            raise InvalidInputError(f"re-ranking by {rerank!r} needs the query's {rerank} descriptor")
+        k_prep = max(k, k_prep or k)
+        rinfo = self.method(rerank)
+        rq = self.check_queries(rerank, rerank_queries)
+        if len(rq) != len(q):
+            raise ValueError("rerank_queries needs one row per query")
+        candidates = self._knn(info, q, k_prep, allowed, exclude).rows
+        dist = candidate_distances(rq, rinfo.descriptors, candidates, rinfo.metric)
+        order = np.argsort(dist, axis=1, kind="stable")[:, :k]
+        rows = np.take_along_axis(candidates, order, axis=1)
+        dist = np.take_along_axis(dist, order, axis=1)
+        return SearchResult(_pad(rows, k, -1), _pad(dist, k, np.inf))
+
+    def _knn(
+        self,
+        info: MethodIndex,
+        q: np.ndarray,
+        k: int,
+        allowed: np.ndarray | None,
+        exclude: Sequence[np.ndarray] | None,
+    ) -> SearchResult:
+        n = info.index.ntotal
+        extra = max((len(e) for e in exclude), default=0) if exclude is not None else 0
+        k_search = min(k + extra, n)
+        if k_search == 0:
+            return SearchResult(np.full((len(q), k), -1, np.int64), np.full((len(q), k), np.inf, np.float32))
+        params = None
+        if allowed is not None:
+            bits = np.packbits(allowed, bitorder="little")
+            params = faiss.SearchParameters(sel=faiss.IDSelectorBitmap(n, faiss.swig_ptr(bits)))
+        raw, rows = info.index.search(q, k_search, params=params)
+        dist = _to_true_distance(raw, info.metric).astype(np.float32)
+        if exclude is not None and extra:
+            drop = np.zeros(rows.shape, dtype=bool)
+            for i, ex in enumerate(exclude):
+                if len(ex):
+                    drop[i] = np.isin(rows[i], ex)
+            drop |= rows < 0
+            order = np.argsort(drop, axis=1, kind="stable")
+            rows = np.take_along_axis(rows, order, axis=1)
+            dist = np.take_along_axis(dist, order, axis=1)
+            dropped = np.take_along_axis(drop, order, axis=1)
+            rows[dropped] = -1
+        rows = rows[:, :k]
+        dist = dist[:, :k]
+        dist[rows < 0] = np.inf
+        return SearchResult(_pad(rows, k, -1), _pad(dist, k, np.inf))
+
+
+def _pad(a: np.ndarray, k: int, fill: float) -> np.ndarray:
+    if a.shape[1] >= k:
+        return a
+    pad = np.full((a.shape[0], k - a.shape[1]), fill, dtype=a.dtype)
+    return np.concatenate([a, pad], axis=1)
