@@ -1,0 +1,45 @@
+import json
+
+import numpy as np
+
+from cbmir.benchmarks.metrics import precision_at_k
+from cbmir.benchmarks.retrieval_quality import evaluate
+from cbmir.cli import main
+from cbmir.index_build import load_bundle
+from cbmir.server.search_engine import SearchEngine
+
+
+def test_leave_one_out_with_patient_exclusion_matches_manual_computation(small_bundle):
+    bundle = load_bundle(small_bundle)
+    doc = evaluate(bundle, ["hog", "cnn+hog"], ["label"], exclude_same="patient_id", device="cpu", progress=False)
+    by_method = {r["method"]: r for r in doc["results"]}
+    assert by_method["hog"]["queries"] == 90 and len(by_method["hog"]["mP@k"]) == 10
+
+    engine = SearchEngine(bundle, device="cpu")
+    patients = np.asarray(bundle.metadata["patient_id"])
+    labels = np.asarray(bundle.metadata["label"])
+    hog = bundle.methods["hog"].descriptors
+    precisions = []
+    for i in range(len(bundle)):
+        allowed = patients != patients[i]
+        res = engine.search("hog", hog[i : i + 1], 10, allowed=allowed)
+        assert i not in res.rows[0]
+        precisions.append(precision_at_k((labels[res.rows[0]] == labels[i])[None])[0])
+    np.testing.assert_allclose(by_method["hog"]["mP@k"], np.mean(precisions, axis=0), atol=1e-6)
+    assert by_method["hog"]["seed_mAP"] == round(float(np.mean(precisions)), 6)
+    assert 0.0 < by_method["cnn+hog"]["seed_mAP"] <= 1.0
+
+
+def test_cli_eval_writes_json_and_cli_errors_are_clean(small_bundle, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    code = main(["eval", "--index", str(small_bundle), "--methods", "cnn,bovw", "--relevance", "label,modality",
+                 "--json", str(out), "--no-progress", "--device", "cpu"])
+    assert code == 0
+    doc = json.loads(out.read_text())
+    assert {(r["method"], r["relevance"]) for r in doc["results"]} == {
+        ("cnn", "label"), ("cnn", "modality"), ("bovw", "label"), ("bovw", "modality")}
+    modality = [r for r in doc["results"] if r["relevance"] == "modality"]
+    assert all(r["seed_mAP"] == 1.0 for r in modality)  # every UNIFESP image is CR
+    assert "| cnn | label |" in capsys.readouterr().out
+    assert main(["eval", "--index", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
