@@ -1,0 +1,136 @@
+"""A small client other services can import: ``RetrievalClient("host:port").search_image(png_bytes, k=10)``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from cbmir.v1 import retrieval_pb2 as pb
+from cbmir.v1 import retrieval_pb2_grpc as pb_grpc
+
+
+@dataclass
+class Hit:
+    """One search result."""
+
+    id: str
+    uri: str
+    rank: int
+    distance: float
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_proto(cls, hit: pb.SearchHit) -> Hit:
+        return cls(hit.id, hit.uri, hit.rank, hit.distance, dict(hit.metadata))
+
+
+def build_request(
+    *,
+    image: bytes | None = None,
+    pixels: np.ndarray | None = None,
+    archive_id: str | None = None,
+    vector: Sequence[float] | np.ndarray | None = None,
+    k: int = 10,
+    method: str = "",
+    rerank: str | None = None,
+    k_prep: int = 0,
+    filters: Mapping[str, str | Sequence[str]] | None = None,
+    exclude_ids: Iterable[str] = (),
+    include_self: bool = False,
+    rerank_vector: Sequence[float] | np.ndarray | None = None,
+) -> pb.SearchRequest:
+    """A ``SearchRequest`` with exactly one query kind set."""
+    req = pb.SearchRequest(k=k, method=method, rerank=rerank or "", k_prep=k_prep,
+                           exclude_ids=list(exclude_ids), include_self=include_self)
+    for name, values in (filters or {}).items():
+        req.filters.add(field=name, values=[values] if isinstance(values, str) else list(values))
+    if image is not None:
+        req.image = image
+    elif pixels is not None:
+        arr = np.ascontiguousarray(pixels)
+        dtype = {np.dtype(np.uint8): "uint8", np.dtype("<u2"): "uint16", np.dtype("<f4"): "float32"}.get(arr.dtype)
+        if dtype is None or arr.ndim != 2:
+            raise ValueError("pixels must be a 2-D uint8, uint16 or float32 array")
+        req.pixels.CopyFrom(pb.PixelArray(width=arr.shape[1], height=arr.shape[0], dtype=dtype, data=arr.tobytes()))
+    elif archive_id is not None:
+        req.archive_id = archive_id
+    elif vector is not None:
+        req.vector.values.extend(np.asarray(vector, dtype=np.float32).ravel().tolist())
+    if rerank_vector is not None:
+        req.rerank_vector.values.extend(np.asarray(rerank_vector, dtype=np.float32).ravel().tolist())
+    return req
+
+
+class RetrievalClient:
+    """Blocking client for the ``cbmir.v1.Retrieval`` service.
+
+    Args:
+        target: ``host:port``.
+        timeout: per-call deadline in seconds.
+        max_message_mb: largest message sent or received.
+    """
+
+    def __init__(self, target: str, timeout: float = 30.0, max_message_mb: int = 64,
+                 channel: grpc.Channel | None = None) -> None:
+        size = max_message_mb * 1024 * 1024
+        self.channel = channel or grpc.insecure_channel(
+            target, options=[("grpc.max_send_message_length", size), ("grpc.max_receive_message_length", size)]
+        )
+        self.timeout = timeout
+        self.stub = pb_grpc.RetrievalStub(self.channel)
+        self.health_stub = health_pb2_grpc.HealthStub(self.channel)
+
+    def search(self, request: pb.SearchRequest) -> list[Hit]:
+        return [Hit.from_proto(h) for h in self.stub.Search(request, timeout=self.timeout)]
+
+    def search_image(self, image: bytes, **kwargs: Any) -> list[Hit]:
+        """Hits for an encoded PNG, JPEG or DICOM file."""
+        return self.search(build_request(image=image, **kwargs))
+
+    def search_pixels(self, pixels: np.ndarray, **kwargs: Any) -> list[Hit]:
+        return self.search(build_request(pixels=pixels, **kwargs))
+
+    def search_id(self, archive_id: str, **kwargs: Any) -> list[Hit]:
+        return self.search(build_request(archive_id=archive_id, **kwargs))
+
+    def search_vector(self, vector: Sequence[float] | np.ndarray, **kwargs: Any) -> list[Hit]:
+        return self.search(build_request(vector=vector, **kwargs))
+
+    def search_batch(self, requests: Sequence[pb.SearchRequest]) -> list[list[Hit]]:
+        """Hits per request, in request order."""
+        out: list[list[Hit]] = [[] for _ in requests]
+        for result in self.stub.SearchBatch(pb.SearchBatchRequest(queries=list(requests)), timeout=self.timeout):
+            out[result.query_index] = [Hit.from_proto(h) for h in result.hits]
+        return out
+
+    def index_info(self) -> pb.IndexInfo:
+        return self.stub.GetIndexInfo(pb.GetIndexInfoRequest(), timeout=self.timeout)
+
+    def health(self, service: str = "") -> str:
+        """``SERVING``, ``NOT_SERVING`` or ``UNKNOWN``."""
+        resp = self.health_stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> RetrievalClient:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+def format_hits(hits: Sequence[Hit], fields: Sequence[str] = ("label", "modality", "body_region")) -> str:
+    """A readable table of hits."""
+    shown = [f for f in fields if any(f in h.metadata for h in hits)]
+    header = ["rank", "distance", "id", *shown]
+    rows = [[str(h.rank), f"{h.distance:.4f}", h.id, *(h.metadata.get(f, "") for f in shown)] for h in hits]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in [header, *rows]]
+    return "\n".join(lines) if hits else "(no hits)"

@@ -18,6 +18,7 @@ import faiss
 import numpy as np
 
 from cbmir.errors import InvalidInputError
+from cbmir.timing import stage
 
 from .base import Extractor
 from .imaging import resize_batch
@@ -100,11 +101,13 @@ class BoVWExtractor(Extractor):
 
     def local_descriptors(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """RootSIFT descriptors, one (K_i, 128) array per image."""
-        resized = resize_batch(images, self.image_size)
-        as_uint8 = [np.ascontiguousarray((img * 255.0 + 0.5).astype(np.uint8)) for img in resized]
-        if self._pool is None:
-            return [self._sift(img) for img in as_uint8]
-        return list(self._pool.map(self._sift, as_uint8))
+        with stage("preprocess"):
+            resized = resize_batch(images, self.image_size)
+            as_uint8 = [np.ascontiguousarray((img * 255.0 + 0.5).astype(np.uint8)) for img in resized]
+        with stage("extract"):
+            if self._pool is None or len(as_uint8) == 1:
+                return [self._sift(img) for img in as_uint8]
+            return list(self._pool.map(self._sift, as_uint8))
 
     def fit(self, images: Sequence[np.ndarray]) -> None:
         sample = np.concatenate(self.local_descriptors(images) or [np.zeros((0, 128), np.float32)])
@@ -139,7 +142,8 @@ class BoVWExtractor(Extractor):
         counts = np.zeros((len(images), self.words), dtype=np.float32)
         if sizes.sum() == 0:
             return counts
-        _, words = self._quantizer.search(np.concatenate(local), 1)
+        with stage("extract"):
+            _, words = self._quantizer.search(np.concatenate(local), 1)
         owner = np.repeat(np.arange(len(images)), sizes)
         np.add.at(counts, (owner, words[:, 0]), 1.0)
         return counts

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from cbmir.errors import InvalidInputError
+from cbmir.timing import stage
 
 from .base import Extractor, resolve_device
 from .imaging import resize_batch
@@ -178,14 +179,17 @@ class CNNExtractor(Extractor):
     def extract(self, images: Sequence[np.ndarray]) -> np.ndarray:
         out = np.empty((len(images), self.raw_dim), dtype=np.float32)
         for start in range(0, len(images), self.forward_batch):
-            chunk = resize_batch(images[start : start + self.forward_batch], self.image_size)
-            x = torch.from_numpy(chunk).to(self.device, non_blocking=True).unsqueeze(1).expand(-1, 3, -1, -1)
-            x = (x - self._mean) / self._std
-            if self._channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.device.type == "cuda"):
+            with stage("preprocess"):
+                chunk = resize_batch(images[start : start + self.forward_batch], self.image_size)
+                x = torch.from_numpy(chunk).to(self.device, non_blocking=True).unsqueeze(1).expand(-1, 3, -1, -1)
+                x = (x - self._mean) / self._std
+                if self._channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+            with stage("extract"), torch.autocast(
+                self.device.type, dtype=torch.float16, enabled=self.device.type == "cuda"
+            ):
                 feats = self.net(x)
-            out[start : start + len(chunk)] = feats.float().cpu().numpy()
+                out[start : start + len(chunk)] = feats.float().cpu().numpy()
         return out
 
     def fit_archive(self, raw: np.ndarray) -> None:

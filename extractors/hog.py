@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from cbmir.errors import InvalidInputError
+from cbmir.timing import stage
 
 from .base import Extractor, resolve_device
 from .imaging import resize_batch
@@ -104,7 +105,9 @@ class HOGExtractor(Extractor):
     def extract(self, images: Sequence[np.ndarray]) -> np.ndarray:
         out = np.empty((len(images), self._dim), dtype=np.float32)
         for start in range(0, len(images), self.batch):
-            chunk = torch.from_numpy(resize_batch(images[start : start + self.batch], self.image_size))
-            desc = hog_descriptors(chunk.to(self.device), self.cell, self.block, self.bins)
-            out[start : start + len(chunk)] = desc.cpu().numpy()
+            with stage("preprocess"):
+                chunk = torch.from_numpy(resize_batch(images[start : start + self.batch], self.image_size))
+            with stage("extract"):
+                desc = hog_descriptors(chunk.to(self.device), self.cell, self.block, self.bins)
+                out[start : start + len(chunk)] = desc.cpu().numpy()
         return out

@@ -17,6 +17,7 @@ import numpy as np
 from cbmir.errors import InvalidInputError
 from cbmir.extractors import Extractor, extractor_class
 from cbmir.index_build.bundle import Bundle, MethodIndex
+from cbmir.timing import stage
 
 from .rerank import candidate_distances
 
@@ -153,7 +154,8 @@ class SearchEngine:
         if exclude is not None and len(exclude) != len(q):
             raise ValueError("exclude needs one entry per query")
         if rerank is None:
-            return self._knn(info, q, k, allowed, exclude)
+            with stage("search"):
+                return self._knn(info, q, k, allowed, exclude)
         if rerank_queries is None:
             raise InvalidInputError(f"re-ranking by {rerank!r} needs the query's {rerank} descriptor")
         k_prep = max(k, k_prep or k)
@@ -161,11 +163,13 @@ class SearchEngine:
         rq = self.check_queries(rerank, rerank_queries)
         if len(rq) != len(q):
             raise ValueError("rerank_queries needs one row per query")
-        candidates = self._knn(info, q, k_prep, allowed, exclude).rows
-        dist = candidate_distances(rq, rinfo.descriptors, candidates, rinfo.metric)
-        order = np.argsort(dist, axis=1, kind="stable")[:, :k]
-        rows = np.take_along_axis(candidates, order, axis=1)
-        dist = np.take_along_axis(dist, order, axis=1)
+        with stage("search"):
+            candidates = self._knn(info, q, k_prep, allowed, exclude).rows
+        with stage("rerank"):
+            dist = candidate_distances(rq, rinfo.descriptors, candidates, rinfo.metric)
+            order = np.argsort(dist, axis=1, kind="stable")[:, :k]
+            rows = np.take_along_axis(candidates, order, axis=1)
+            dist = np.take_along_axis(dist, order, axis=1)
         return SearchResult(_pad(rows, k, -1), _pad(dist, k, np.inf))
 
     def _knn(

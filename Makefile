@@ -1,0 +1,37 @@
+# Developer workflow. `make setup demo` installs and runs the embedded default; `make test` runs the tests.
+PYTHON ?= python3
+SHARED ?= ../shared/data
+BUNDLES ?= bundles
+RESULTS ?= docs/results
+
+.PHONY: setup demo test proto eval eval-mednist eval-unifesp bench clean
+
+setup:
+	$(PYTHON) -m pip install -q -e '.[dev]'
+
+demo:
+	cbmir demo --out $(BUNDLES)/demo
+
+test:
+	$(PYTHON) -m pytest -q
+
+proto:
+	$(PYTHON) -m grpc_tools.protoc -Iproto --python_out=. --grpc_python_out=. --mypy_out=. --mypy_grpc_out=. \
+		proto/cbmir/v1/retrieval.proto
+
+eval: eval-mednist eval-unifesp
+
+eval-mednist:
+	cbmir build --images $(SHARED)/mednist/mednist_58954_jpeg.zip --out $(BUNDLES)/mednist \
+		--extractors cnn,hog,bovw --image-size 128 --no-progress
+	cbmir eval --index $(BUNDLES)/mednist --methods cnn,hog,bovw,cnn+hog --k-prep 10 \
+		--relevance body_region,modality,label --json $(RESULTS)/mednist.json --no-progress
+
+eval-unifesp:
+	cbmir build --images $(SHARED)/unifesp_bodypart --select single_label=1 --out $(BUNDLES)/unifesp \
+		--extractors cnn,hog,bovw --image-size 224 --no-progress
+	cbmir eval --index $(BUNDLES)/unifesp --methods cnn,hog,bovw,cnn+hog --k-prep 10 \
+		--relevance label --exclude-same patient_id --json $(RESULTS)/unifesp.json --no-progress
+
+clean:
+	rm -rf $(BUNDLES) build *.egg-info .pytest_cache
