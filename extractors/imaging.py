@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -103,11 +104,14 @@ def decode_dicom(
     """Decode a DICOM file (bytes or path) to a windowed 2-D image in [0, 1] and its header metadata.
 
     The modality LUT and the VOI window (or VOI LUT) from the file are applied; without a window the image is
-    min-max stretched. MONOCHROME1 is inverted so bone is bright. Colour images become luminance. Multi-frame
-    images use their middle frame.
+    min-max stretched. MONOCHROME1 is inverted so bone is bright. Colour images (pydicom returns YBR data as
+    RGB) and palette images become luminance. Multi-frame images use their middle frame.
     """
     import pydicom
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut, convert_color_space
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
 
     try:
         stream = io.BytesIO(data) if isinstance(data, bytes) else data
@@ -124,8 +128,6 @@ def decode_dicom(
             from pydicom.pixels import apply_color_lut
 
             pixels = apply_color_lut(pixels, ds)
-        elif photometric.startswith("YBR") and pixels.ndim == 3:
-            pixels = convert_color_space(pixels, photometric, "RGB")
         if pixels.ndim == 2:
             pixels = apply_modality_lut(pixels, ds)
             if "WindowCenter" in ds or "VOILUTSequence" in ds:

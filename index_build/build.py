@@ -136,6 +136,10 @@ def build_bundle(
                 records.extend((r.id, r.uri, r.metadata) for r in batch_records)
             bar.update(len(batches[b]))
             bar.set_postfix(skipped=len(skipped))
+            if not progress and (b + 1) % max(1, len(batches) // 20) == 0:
+                done = batches[b].stop
+                rate = done / max(time.perf_counter() - t_loop, 1e-9)
+                log.info("indexed %d/%d images (%.1f img/s, %d skipped)", done, len(archive), rate, len(skipped))
     bar.close()
     timings["extract_loop"] = time.perf_counter() - t_loop
     timings["decode_wait"] = decode_s
