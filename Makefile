@@ -4,7 +4,7 @@ SHARED ?= ../shared/data
 BUNDLES ?= bundles
 RESULTS ?= docs/results
 
-.PHONY: setup demo test proto eval eval-mednist eval-unifesp bench clean
+.PHONY: setup demo test proto eval eval-mednist eval-unifesp bench bench-bundle report clean
 
 setup:
 	$(PYTHON) -m pip install -q -e '.[dev]'
@@ -32,6 +32,21 @@ eval-unifesp:
 		--extractors cnn,hog,bovw --image-size 224 --no-progress
 	cbmir eval --index $(BUNDLES)/unifesp --methods cnn,hog,bovw,cnn+hog --k-prep 10 \
 		--relevance label --exclude-same patient_id --json $(RESULTS)/unifesp.json --no-progress
+
+# The latency/scaling bundle: MedNIST with the service's fast CNN configuration (PCA to 128 dims) and HOG.
+bench-bundle:
+	cbmir build --images $(SHARED)/mednist/mednist_58954_jpeg.zip --out $(BUNDLES)/mednist-fast \
+		--extractors cnn,hog --image-size 128 --pca-dim 128 --no-progress
+
+# About 10 minutes on a 2-core CPU; needs $(BUNDLES)/mednist (make eval-mednist) and $(BUNDLES)/mednist-fast.
+bench:
+	$(PYTHON) -m cbmir.benchmarks.throughput --index $(BUNDLES)/mednist
+	$(PYTHON) -m cbmir.benchmarks.latency --index $(BUNDLES)/mednist-fast --bovw-index $(BUNDLES)/mednist
+	$(PYTHON) -m cbmir.benchmarks.scaling --index $(BUNDLES)/mednist-fast
+	$(PYTHON) -m cbmir.benchmarks.plots
+
+report:
+	$(PYTHON) -m cbmir.benchmarks.report > docs/RESULTS.md
 
 clean:
 	rm -rf $(BUNDLES) build *.egg-info .pytest_cache

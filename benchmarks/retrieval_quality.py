@@ -179,7 +179,8 @@ def evaluate(
             "exclude_same": exclude_same,
             "k": K,
             "k_prep": k_prep,
-            "methods": {name: {"extractor": m.extractor, "config": m.config, "metric": m.metric, "dim": m.dim}
+            "methods": {name: {"extractor": m.extractor, "config": m.config, "metric": m.metric, "dim": m.dim,
+                               **{k: m.info[k] for k in ("images_per_s", "extract_s", "fit_s") if k in m.info}}
                         for name, m in bundle.methods.items()},
             "build": bundle.manifest.get("build", {}),
             "platform": platform.platform(),

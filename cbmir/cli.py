@@ -66,6 +66,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         device=args.device,
         fit_sample=args.fit_sample,
+        index_type=args.index_type,
         progress=not args.no_progress,
     )
     total = time.perf_counter() - t0
@@ -189,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--whiten", action="store_true", help="whiten the PCA components")
     b.add_argument("--bovw-words", type=int, default=4000, help="BoVW vocabulary size")
     b.add_argument("--fit-sample", type=int, default=5000, help="images sampled to fit the BoVW vocabulary")
+    b.add_argument("--index-type", default="flat", choices=["auto", "flat", "ivf", "hnsw", "sq8", "ivfpq"],
+                   help="FAISS index per method; auto picks by archive size")
     b.add_argument("--batch-size", type=int, default=64)
     b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     b.add_argument("--select", action="append", metavar="FIELD=VALUE", help="index only matching images")

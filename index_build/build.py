@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import faiss
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -20,6 +21,7 @@ from cbmir.extractors import Extractor, create_extractor, resolve_device
 
 from .archive import Archive, ImageRecord
 from .bundle import RECORDS, BundleWriter
+from .index_types import build_index, choose_index_type
 
 log = logging.getLogger("cbmir.build")
 
@@ -63,6 +65,8 @@ def build_bundle(
     device: str = "auto",
     fit_sample: int = 5000,
     seed: int = 0,
+    index_type: str = "flat",
+    index_params: dict[str, Any] | None = None,
     progress: bool = True,
     on_skip: Callable[[dict[str, str]], None] | None = None,
 ) -> BuildReport:
@@ -76,6 +80,8 @@ def build_bundle(
         device: ``auto``, ``cpu`` or ``cuda`` for the torch extractors.
         fit_sample: images sampled for extractors that learn before extracting (BoVW vocabulary).
         seed: sampling seed.
+        index_type: ``flat`` (exact), ``ivf``, ``hnsw``, ``sq8``, ``ivfpq`` or ``auto`` (by archive size).
+        index_params: overrides of the index type's build/search parameters.
         progress: show a progress bar.
         on_skip: called for every unreadable image (default: log a warning).
 
@@ -166,13 +172,23 @@ def build_bundle(
             if state:
                 files["state"] = f"{name}.state.npz"
                 writer.write_arrays(files["state"], state)
+            chosen = choose_index_type(len(records), ex.metric) if index_type == "auto" else index_type
+            params: dict[str, Any] = {}
+            if chosen != "flat":
+                t1 = time.perf_counter()
+                index, params = build_index(descriptors[name], ex.metric, chosen, index_params, seed=seed)
+                files["index"] = f"{name}.faiss"
+                writer.write_bytes(files["index"], faiss.serialize_index(index))
+                timings[f"index_{name}"] = time.perf_counter() - t1
             seconds = extract_s[name] + timings.get(f"fit_{name}", 0.0)
             method_info[name] = {
                 "extractor": ex.name,
                 "config": ex.config(),
                 "dim": ex.dim,
                 "metric": ex.metric,
-                "index_type": "flat",
+                "index_type": chosen,
+                "index_requested": index_type,
+                "index_params": params,
                 "files": files,
                 "extract_s": round(extract_s[name], 3),
                 "images_per_s": round(len(records) / max(extract_s[name], 1e-9), 1),
@@ -193,7 +209,7 @@ def build_bundle(
                 "torch_threads": torch.get_num_threads(),
                 "host": platform.node(),
                 "platform": platform.platform(),
-                "processor": platform.processor() or platform.machine(),
+                "processor": cpu_model(),
                 "torch": torch.__version__,
                 "timings_s": {k: round(v, 3) for k, v in timings.items()},
             },
@@ -206,6 +222,18 @@ def build_bundle(
         timings=timings,
         images_per_s={n: method_info[n]["images_per_s"] for n in methods},
     )
+
+
+def cpu_model() -> str:
+    """CPU model name from /proc/cpuinfo where available."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _without(config: dict[str, Any], key: str) -> dict[str, Any]:

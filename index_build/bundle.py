@@ -10,6 +10,7 @@ Layout::
         records.json           ids, uris and metadata columns, row-aligned with the descriptors
         <method>.npy           searchable descriptors, float32 (N, dim)
         <method>.state.npz     fitted extractor state (network weights, vocabulary, IDF, PCA)
+        <method>.faiss         trained approximate index (only for index types other than flat)
 
 A version is written into a temporary directory, fsynced, renamed into place, and only then named by
 ``CURRENT``, so a crash at any point leaves the previous version intact and loadable.
@@ -18,7 +19,6 @@ A version is written into a temporary directory, fsynced, renamed into place, an
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 import shutil
@@ -31,7 +31,10 @@ import faiss
 import numpy as np
 
 from cbmir import __version__
+from cbmir.checksums import sha256_file
 from cbmir.errors import BundleError, NotFoundError
+
+from .index_types import FAISS_METRICS, apply_search_params
 
 FORMAT = "cbmir-bundle"
 FORMAT_VERSION = 1
@@ -40,15 +43,6 @@ MANIFEST = "manifest.json"
 RECORDS = "records.json"
 KEEP_VERSIONS = 2
 
-FAISS_METRICS = {"l2": faiss.METRIC_L2, "l1": faiss.METRIC_L1, "cosine": faiss.METRIC_INNER_PRODUCT}
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -88,6 +82,10 @@ class BundleWriter:
     def write_arrays(self, name: str, arrays: dict[str, np.ndarray]) -> None:
         with open(self.tmp / name, "wb") as fh:
             np.savez(fh, **arrays)
+        self._files.append(name)
+
+    def write_bytes(self, name: str, data: bytes | np.ndarray) -> None:
+        (self.tmp / name).write_bytes(bytes(data))
         self._files.append(name)
 
     def write_json(self, name: str, obj: Any) -> None:
@@ -256,8 +254,9 @@ def load_bundle(path: str | os.PathLike[str], *, verify: bool = True) -> Bundle:
     methods = {}
     for name, info in manifest["methods"].items():
         desc_path = version_dir / info["files"]["descriptors"]
+        index_type = info.get("index_type", "flat")
         try:
-            descriptors = np.load(desc_path, allow_pickle=False)
+            descriptors = np.load(desc_path, allow_pickle=False, mmap_mode=None if index_type == "flat" else "r")
         except (OSError, ValueError) as exc:
             raise BundleError(f"{desc_path}: unreadable descriptors ({exc})") from exc
         if descriptors.shape != (count, info["dim"]) or descriptors.dtype != np.float32:
@@ -273,16 +272,26 @@ def load_bundle(path: str | os.PathLike[str], *, verify: bool = True) -> Bundle:
                     state = {k: npz[k] for k in npz.files}
             except (OSError, ValueError) as exc:
                 raise BundleError(f"{state_path}: unreadable extractor state ({exc})") from exc
-        index, view = _flat_index(descriptors, info["metric"])
+        if index_type == "flat":
+            index, descriptors = _flat_index(descriptors, info["metric"])
+        else:
+            index_path = version_dir / info["files"]["index"]
+            try:
+                index = faiss.deserialize_index(np.fromfile(index_path, dtype=np.uint8))
+            except (OSError, RuntimeError) as exc:
+                raise BundleError(f"{index_path}: unreadable FAISS index ({exc})") from exc
+            if index.ntotal != count or index.d != info["dim"]:
+                raise BundleError(f"{index_path}: index holds {index.ntotal}x{index.d}, expected {count}x{info['dim']}")
+            apply_search_params(index, index_type, info.get("index_params", {}))
         methods[name] = MethodIndex(
             name=name,
             extractor=info["extractor"],
             config=info["config"],
             metric=info["metric"],
             dim=info["dim"],
-            index_type=info.get("index_type", "flat"),
+            index_type=index_type,
             index=index,
-            descriptors=view,
+            descriptors=descriptors,
             state=state,
             info=info,
         )

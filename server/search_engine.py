@@ -17,6 +17,7 @@ import numpy as np
 from cbmir.errors import InvalidInputError
 from cbmir.extractors import Extractor, extractor_class
 from cbmir.index_build.bundle import Bundle, MethodIndex
+from cbmir.index_build.index_types import FAISS_METRICS
 from cbmir.timing import stage
 
 from .rerank import candidate_distances
@@ -185,11 +186,14 @@ class SearchEngine:
         k_search = min(k + extra, n)
         if k_search == 0:
             return SearchResult(np.full((len(q), k), -1, np.int64), np.full((len(q), k), np.inf, np.float32))
-        params = None
-        if allowed is not None:
-            bits = np.packbits(allowed, bitorder="little")
-            params = faiss.SearchParameters(sel=faiss.IDSelectorBitmap(n, faiss.swig_ptr(bits)))
-        raw, rows = info.index.search(q, k_search, params=params)
+        if allowed is not None and info.index_type != "flat":
+            raw, rows = _exact_subset_search(info, q, k_search, np.flatnonzero(allowed))
+        else:
+            params = None
+            if allowed is not None:
+                bits = np.packbits(allowed, bitorder="little")
+                params = faiss.SearchParameters(sel=faiss.IDSelectorBitmap(n, faiss.swig_ptr(bits)))
+            raw, rows = info.index.search(q, k_search, params=params)
         dist = _to_true_distance(raw, info.metric).astype(np.float32)
         if exclude is not None and extra:
             drop = np.zeros(rows.shape, dtype=bool)
@@ -206,6 +210,15 @@ class SearchEngine:
         dist = dist[:, :k]
         dist[rows < 0] = np.inf
         return SearchResult(_pad(rows, k, -1), _pad(dist, k, np.inf))
+
+
+def _exact_subset_search(info: MethodIndex, q: np.ndarray, k: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Exact search restricted to ``rows``: approximate indices lose hits under restrictive selectors."""
+    sub = faiss.IndexFlat(info.dim, FAISS_METRICS[info.metric])
+    if len(rows):
+        sub.add(np.ascontiguousarray(info.descriptors[rows], dtype=np.float32))
+    raw, local = sub.search(q, min(k, max(len(rows), 1)))
+    return raw, np.where(local >= 0, rows[np.maximum(local, 0)], -1)
 
 
 def _pad(a: np.ndarray, k: int, fill: float) -> np.ndarray:

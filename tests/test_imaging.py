@@ -80,7 +80,11 @@ def test_png_8_and_16_bit_and_bytes_detection():
     np.testing.assert_allclose(decode_image(dicom), [[0, 1 / 3], [2 / 3, 1]], atol=1e-6)
 
 
-@pytest.mark.parametrize("data", [b"", b"hello", b"\x89PNG\r\n\x1a\n" + b"\0" * 50, b"\0" * 128 + b"DICM" + b"\xff" * 40])
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"hello", b"\x89PNG\r\n\x1a\n" + b"\0" * 50, b"\0" * 128 + b"DICM" + b"\xff" * 40],
+    ids=["empty", "text", "truncated-png", "broken-dicom"],
+)
 def test_undecodable_bytes_raise_invalid_input(data):
     with pytest.raises(InvalidInputError):
         decode_image(data)

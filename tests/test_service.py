@@ -318,3 +318,39 @@ def test_generated_stubs_match_the_proto(tmp_path):
     names = ["retrieval_pb2.py", "retrieval_pb2.pyi", "retrieval_pb2_grpc.py", "retrieval_pb2_grpc.pyi"]
     match, mismatch, errors = filecmp.cmpfiles(tmp_path / "cbmir" / "v1", REPO / "cbmir" / "v1", names, shallow=False)
     assert not mismatch and not errors, f"stubs drifted from proto/: {mismatch or errors}; run 'make proto'"
+
+
+def test_cli_query_prints_table_and_json(server, archive, capsys):
+    from cbmir.cli import main
+
+    image = str(Path(archive.source) / archive.entries[7].id)
+    assert main(["query", "--target", f"127.0.0.1:{server.port}", "--image", image, "-k", "3", "--method", "hog"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split()[:3] == ["rank", "distance", "id"] and archive.entries[7].id in out
+    assert main(["query", "--target", f"127.0.0.1:{server.port}", "--image", image, "-k", "2", "--json",
+                 "--filter", "label=Knee"]) == 0
+    import json
+
+    hits = json.loads(capsys.readouterr().out)
+    assert len(hits) == 2 and all(h["metadata"]["label"] == "Knee" for h in hits)
+
+
+def test_serve_process_stops_gracefully_on_sigterm(small_bundle):
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-m", "cbmir.cli", "serve", "--index", str(small_bundle), "--port", "0",
+                             "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert "serving" in line, proc.stderr.read()
+        target = line.strip().rsplit(" on ", 1)[1]
+        with RetrievalClient(target, timeout=5) as c:
+            deadline = time.time() + 60
+            while c.health() != "SERVING" and time.time() < deadline:
+                time.sleep(0.2)
+            assert c.search_id("images/00000.png", k=2, method="hog")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert '"event": "shutdown"' in proc.stderr.read()
+    finally:
+        proc.kill()

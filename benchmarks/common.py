@@ -1,0 +1,75 @@
+"""What every benchmark records beside its figures: commit, versions, hardware, threads; and small helpers."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cbmir.index_build.build import cpu_model
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+DEFAULT_SHARED = REPO.parent / "shared" / "data"
+
+
+def shared_data() -> Path:
+    return Path(os.environ.get("CBMIR_SHARED_DATA", DEFAULT_SHARED))
+
+
+def environment() -> dict[str, Any]:
+    import faiss
+    import grpc
+    import timm
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True,
+                                    check=True).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        commit, dirty = "unknown", False
+    return {
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "faiss": faiss.__version__,
+        "grpcio": grpc.__version__,
+        "numpy": np.__version__,
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "faiss_threads": faiss.omp_get_max_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "platform": platform.platform(),
+    }
+
+
+def percentiles(values_ms: list[float]) -> dict[str, float]:
+    a = np.asarray(values_ms, dtype=np.float64)
+    return {f"p{q}_ms": round(float(np.percentile(a, q)), 3) for q in (50, 95, 99)}
+
+
+def mednist_jpegs(n: int, seed: int = 0) -> list[bytes]:
+    """``n`` JPEG files sampled evenly from the MedNIST zip (all six classes)."""
+    path = shared_data() / "mednist" / "mednist_58954_jpeg.zip"
+    with zipfile.ZipFile(path) as zf:
+        names = sorted(x for x in zf.namelist() if x.endswith(".jpeg"))
+        picked = np.random.default_rng(seed).choice(len(names), size=n, replace=False)
+        return [zf.read(names[i]) for i in sorted(picked)]
+
+
+def write_result(name: str, doc: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / name
+    path.write_text(json.dumps(doc, indent=2))
+    return path

@@ -1,0 +1,38 @@
+"""PNG plot of search latency vs archive size per index type, from ``benchmarks/results/scaling.json``."""
+
+from __future__ import annotations
+
+import json
+
+from .common import RESULTS
+
+
+def main() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = json.loads((RESULTS / "scaling.json").read_text())["runs"]
+    fig, (ax_lat, ax_rec) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for index_type in dict.fromkeys(r["index_type"] for r in runs):
+        rows = sorted((r for r in runs if r["index_type"] == index_type), key=lambda r: r["n"])
+        ns = [r["n"] for r in rows]
+        ax_lat.plot(ns, [r["p50_ms"] for r in rows], marker="o", label=index_type)
+        ax_rec.plot(ns, [r["recall_at_10"] for r in rows], marker="o", label=index_type)
+    for ax, label in ((ax_lat, "search p50 (ms, one query, 1 thread)"), (ax_rec, "recall@10 vs exact")):
+        ax.set_xscale("log")
+        ax.set_xlabel("archive size (vectors)")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    ax_lat.set_yscale("log")
+    ax_lat.legend()
+    fig.suptitle("cbmir search scaling (MedNIST CNN descriptors, jittered to 10^6)")
+    fig.tight_layout()
+    out = RESULTS / "scaling.png"
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Markdown tables from the committed result files, beside the reference paper's figures.
+
+    python -m cbmir.benchmarks.report > docs/RESULTS.md
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .common import REPO
+
+PAPER = {  # Barać (2021), mAP = mean of P@1..P@10, on the authors' private 8,000 test queries
+    "bovw": {"region": 0.7097, "modality": 0.8576, "both": 0.7022},
+    "hog": {"region": 0.8249, "modality": 0.9121, "both": 0.8146},
+    "cnn": {"region": 0.8845, "modality": 0.9654, "both": 0.8821},
+    "cnn+hog": {"region": 0.8855, "modality": 0.9635, "both": 0.8835},
+}
+DATASETS = (  # result file, relevance field -> the paper's column
+    ("mednist.json", {"body_region": "region", "modality": "modality", "label": "both"}),
+    ("unifesp.json", {"label": "region"}),
+)
+
+
+def quality_table(path: Path, paper_column: dict[str, str]) -> str:
+    relevances = list(paper_column)
+    doc = json.loads(path.read_text())
+    results = {(r["method"], r["relevance"]): r for r in doc["results"]}
+    methods = list(dict.fromkeys(r["method"] for r in doc["results"]))
+    head = "| method | " + " | ".join(f"{rel}: seed mAP (paper) | AP@10 | P@1" for rel in relevances) + " |"
+    lines = [head, "|---|" + "---|---|---|" * len(relevances)]
+    for m in methods:
+        cells = []
+        for rel in relevances:
+            r = results.get((m, rel))
+            if r is None:
+                cells += ["", "", ""]
+                continue
+            paper = PAPER.get(m, {}).get(paper_column[rel])
+            paper_s = f" ({paper:.4f})" if paper is not None else ""
+            cells += [f"{r['seed_mAP']:.4f}{paper_s}", f"{r['AP@10']:.4f}", f"{r['mP@k'][0]:.4f}"]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    cfg = doc["config"]
+    lines.append("")
+    lines.append(f"Queries: {doc['results'][0]['queries']} ({cfg['protocol']}"
+                 + (f", excluding the query's own {cfg['exclude_same']}" if cfg.get("exclude_same") else "")
+                 + f"); re-ranking k_prep = {cfg['k_prep']}. Command: `{cfg.get('command', '')}`.")
+    return "\n".join(lines) + "\n" + build_table(cfg)
+
+
+def build_table(cfg: dict) -> str:
+    build = cfg.get("build", {})
+    manifest_methods = cfg.get("methods", {})
+    lines = ["", f"Build on {build.get('processor', '?')} ({build.get('device', '?')}, "
+             f"{build.get('torch_threads', '?')} torch threads, batch {build.get('batch_size', '?')}):", "",
+             "| extractor | configuration | dims | metric | extract s | fit s | images/s |", "|---|---|---|---|---|---|---|"]
+    for name, m in manifest_methods.items():
+        shown = {k: v for k, v in m["config"].items() if k != "weights_sha256"}
+        lines.append(f"| {name} | `{json.dumps(shown)}` | {m['dim']} | {m['metric']} | {m.get('extract_s', '')} "
+                     f"| {m.get('fit_s', '')} | {m.get('images_per_s', '')} |")
+    timings = build.get("timings_s", {})
+    if timings:
+        lines.append("")
+        lines.append("Build stages (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()))
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    results = REPO / "docs" / "results"
+    print("# Retrieval quality\n")
+    print("Seed mAP = mean over queries of mean(P@1..P@10), the reference paper's mAP; in brackets the paper's own")
+    print("figure for the same method and relevance on its private data. AP@10 = standard average precision at 10.\n")
+    for name, columns in DATASETS:
+        path = results / name
+        if path.exists():
+            print(f"## {name.removesuffix('.json')}\n")
+            print(quality_table(path, columns))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+import numpy as np
+import pytest
+
+from cbmir.errors import InvalidInputError
+from cbmir.index_build import build_bundle, load_bundle, open_archive
+from cbmir.index_build.index_types import build_index, choose_index_type
+from cbmir.server.search_engine import SearchEngine
+
+
+def clustered(n=3000, d=32, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((30, d)).astype(np.float32)
+    return (centres[rng.integers(0, 30, n)] + 0.3 * rng.standard_normal((n, d))).astype(np.float32)
+
+
+@pytest.mark.parametrize(("index_type", "metric"), [("ivf", "l2"), ("hnsw", "l2"), ("hnsw", "l1"), ("sq8", "cosine"),
+                                                     ("ivfpq", "l2")])
+def test_approximate_indices_recall_against_flat(index_type, metric):
+    x = clustered()
+    if metric == "cosine":
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+    exact, _ = build_index(x, metric, "flat")
+    approx, params = build_index(x, metric, index_type)
+    _, truth = exact.search(x[:200], 10)
+    _, got = approx.search(x[:200], 10)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(truth, got)])
+    assert recall >= (0.5 if index_type == "ivfpq" else 0.9), (index_type, params, recall)
+
+
+def test_unsupported_combinations_and_auto_policy():
+    with pytest.raises(InvalidInputError, match="L1"):
+        build_index(clustered(500), "l1", "sq8")
+    with pytest.raises(InvalidInputError, match="unknown index type"):
+        build_index(clustered(500), "l2", "lsh")
+    assert choose_index_type(50_000, "l2") == "flat" and choose_index_type(2_000_000, "l2") == "hnsw"
+
+
+def test_hnsw_bundle_round_trip_and_exact_filters(unifesp_subset, tmp_path):
+    root, labels = unifesp_subset
+    report = build_bundle(open_archive(root, labels), tmp_path / "b", {"hog": {}}, device="cpu", progress=False,
+                          index_type="hnsw")
+    bundle = load_bundle(tmp_path / "b")
+    assert bundle.methods["hog"].index_type == "hnsw" and (report.path / "hog.faiss").is_file()
+    assert bundle.manifest["methods"]["hog"]["index_params"]["efSearch"] > 0
+    engine = SearchEngine(bundle, device="cpu")
+    d = bundle.methods["hog"].descriptors
+    res = engine.search("hog", d[:5], 5)
+    assert (res.rows[:, 0] == np.arange(5)).all()
+    labels_col = np.asarray(bundle.metadata["label"])
+    patients = np.asarray(bundle.metadata["patient_id"])
+    knee = np.flatnonzero(labels_col == "Knee")
+    allowed = (labels_col == "Knee") & (patients == patients[knee[0]])
+    res = engine.search("hog", d[:1], 10, allowed=allowed)
+    assert sorted(res.rows[0][res.rows[0] >= 0]) == sorted(np.flatnonzero(allowed))
