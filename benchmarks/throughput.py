@@ -35,7 +35,7 @@ def timed_rate(fn, n: int, repeats: int) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--index", default="bundles/mednist")
+    parser.add_argument("--index", default="bundles/mednist", help="bundle(s), comma-separated")
     parser.add_argument("--images", type=int, default=2048)
     parser.add_argument("--baseline-images", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=256)
@@ -50,7 +50,17 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"reference pipeline (SqueezeNet 1.0, 256 px, one image per pass): {base_rate:.1f} images/s")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     runs = []
-    bundle = load_bundle(args.index)
+    for index in args.index.split(","):
+        runs += measure(load_bundle(index, verify=False), images, devices, base_rate, args)
+    doc = {"runs": runs, "meta": {**environment(), "bundles": args.index.split(","), "repeats": args.repeats,
+                                  "baseline": "torchvision squeezenet1_0 features, 256x256, avgpool 5x5, batch 1"}}
+    print(f"wrote {write_result(args.out, doc)}")
+    return doc
+
+
+def measure(bundle, images: list[np.ndarray], devices: list[str], base_rate: float,
+            args: argparse.Namespace) -> list[dict]:
+    runs = []
     for device in devices:
         engine = SearchEngine(bundle, device=device)
         for method in engine.methods:
@@ -62,15 +72,13 @@ def main(argv: list[str] | None = None) -> dict:
 
             rate = timed_rate(run, len(images), args.repeats)
             runs.append({
-                "extractor": method, "device": device, "images_per_s": round(rate, 1),
+                "extractor": method, "bundle": str(bundle.path.parent), "device": device, "images_per_s": round(rate, 1),
                 "baseline_images_per_s": round(base_rate, 1), "speedup": round(rate / base_rate, 2),
                 "config": ex.config(), "images": len(images), "batch_size": args.batch_size,
             })
-            print(f"{method:<6} {device}: {rate:8.1f} images/s  ({rate / base_rate:5.1f}x the baseline)")
-    doc = {"runs": runs, "meta": {**environment(), "bundle": str(bundle.path), "repeats": args.repeats,
-                                  "baseline": "torchvision squeezenet1_0 features, 256x256, avgpool 5x5, batch 1"}}
-    print(f"wrote {write_result(args.out, doc)}")
-    return doc
+            print(f"{method:<6} {device} {bundle.path.parent.name}: {rate:8.1f} images/s  "
+                  f"({rate / base_rate:5.1f}x the baseline)")
+    return runs
 
 
 if __name__ == "__main__":

@@ -143,6 +143,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_concurrent=args.max_concurrent,
         max_message_mb=args.max_message_mb,
         device=args.device,
+        torch_threads=args.torch_threads,
+        search_threads=args.search_threads,
     )
     serve_forever(config)
     return 0
@@ -224,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-concurrent", type=int, default=0, help="searches in flight (default: 2 x workers)")
     s.add_argument("--max-message-mb", type=int, default=64, help="largest request accepted")
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    s.add_argument("--torch-threads", type=int, default=1, help="intra-op threads per request for the extractors")
+    s.add_argument("--search-threads", type=int, default=1, help="FAISS threads per search")
     s.set_defaults(func=cmd_serve)
 
     q = sub.add_parser("query", help="send an image to a running server and print the hits")

