@@ -14,19 +14,25 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     runs = json.loads((RESULTS / "scaling.json").read_text())["runs"]
-    fig, (ax_lat, ax_rec) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for index_type in dict.fromkeys(r["index_type"] for r in runs):
-        rows = sorted((r for r in runs if r["index_type"] == index_type), key=lambda r: r["n"])
+    fig, (ax_lat, ax_rec) = plt.subplots(1, 2, figsize=(12, 4.8))
+    def series(run: dict) -> str:
+        setting = {k: v for k, v in run["params"].items() if k in ("nprobe", "efSearch")}
+        return run["index_type"] + "".join(f" {k}={v}" for k, v in setting.items())
+
+    colours = plt.cm.tab20.colors
+    for i, name in enumerate(dict.fromkeys(series(r) for r in runs)):
+        rows = sorted((r for r in runs if series(r) == name), key=lambda r: r["n"])
         ns = [r["n"] for r in rows]
-        ax_lat.plot(ns, [r["p50_ms"] for r in rows], marker="o", label=index_type)
-        ax_rec.plot(ns, [r["recall_at_10"] for r in rows], marker="o", label=index_type)
+        style = dict(marker="o", color=colours[(2 * i) % 20 + (i >= 10)], label=name)
+        ax_lat.plot(ns, [r["p50_ms"] for r in rows], **style)
+        ax_rec.plot(ns, [r["recall_at_10"] for r in rows], **style)
     for ax, label in ((ax_lat, "search p50 (ms, one query, 1 thread)"), (ax_rec, "recall@10 vs exact")):
         ax.set_xscale("log")
         ax.set_xlabel("archive size (vectors)")
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
     ax_lat.set_yscale("log")
-    ax_lat.legend()
+    ax_rec.legend(fontsize=7, ncol=2)
     fig.suptitle("cbmir search scaling (MedNIST CNN descriptors, jittered to 10^6)")
     fig.tight_layout()
     out = RESULTS / "scaling.png"

@@ -3,7 +3,7 @@
     python -m cbmir.benchmarks.scaling --index bundles/mednist-fast [--method cnn] [--sizes 1000,10000,100000,1000000]
 
 Vectors are real MedNIST descriptors from the bundle, grown past the archive size by jittering real vectors
-(Gaussian noise at a fraction of the median nearest-neighbour distance, renormalised), so neighbourhoods keep the
+(Gaussian noise whose norm is a fraction of the median nearest-neighbour distance, renormalised), so neighbourhoods keep the
 structure of real data; uniform random vectors would make recall meaningless. Queries are jittered copies of held-out
 archive vectors. Latency is one query per call (as the service searches), median over ``--queries``; recall@10 is
 against exact flat search; memory is the serialised index size (what the process holds for it).
@@ -19,11 +19,26 @@ import faiss
 import numpy as np
 
 from cbmir.index_build import load_bundle
-from cbmir.index_build.index_types import build_index
+from cbmir.index_build.index_types import apply_search_params, build_index
 
 from .common import environment, write_result
 
 INDEX_TYPES = ("flat", "ivf", "hnsw", "sq8", "ivfpq")
+SWEEP = {"ivf": ("nprobe", (16, 64, 256)), "ivfpq": ("nprobe", (16, 64, 256)),
+         "hnsw": ("efSearch", (64, 256, 1024))}
+"""Search-time settings tried on each built index (no rebuild needed)."""
+
+
+def time_queries(index: faiss.Index, queries: np.ndarray) -> tuple[list[float], list[np.ndarray]]:
+    for q in queries[:10]:
+        index.search(q[None], 10)
+    lat, got = [], []
+    for q in queries:
+        t1 = time.perf_counter()
+        _, ids = index.search(q[None], 10)
+        lat.append((time.perf_counter() - t1) * 1000)
+        got.append(ids[0])
+    return lat, got
 
 
 def grow(base: np.ndarray, n: int, sigma: float, rng: np.random.Generator, normalise: bool) -> np.ndarray:
@@ -68,7 +83,8 @@ def main(argv: list[str] | None = None) -> dict:
     base = np.array(info.descriptors, dtype=np.float32)
     perm = rng.permutation(len(base))
     held_out, base = base[perm[: args.queries]], base[perm[args.queries :]]
-    sigma = args.jitter * median_nn_distance(base)
+    # Per-coordinate noise whose expected norm is ``jitter`` x the median nearest-neighbour distance.
+    sigma = args.jitter * median_nn_distance(base) / np.sqrt(base.shape[1])
     queries = grow(held_out, args.queries, 0.0, rng, normalise)
     queries = queries + sigma * rng.standard_normal(queries.shape, dtype=np.float32)
     if normalise:
@@ -91,22 +107,21 @@ def main(argv: list[str] | None = None) -> dict:
             build_s = time.perf_counter() - t0
             memory = int(faiss.serialize_index(index).nbytes)
             faiss.omp_set_num_threads(args.threads)
-            for q in queries[:10]:
-                index.search(q[None], 10)
-            lat, got = [], []
-            for q in queries:
-                t1 = time.perf_counter()
-                _, ids = index.search(q[None], 10)
-                lat.append((time.perf_counter() - t1) * 1000)
-                got.append(ids[0])
-            recall = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(truth, got)]))
-            run = {"index_type": index_type, "metric": metric, "n": n, "dim": info.dim,
-                   "p50_ms": round(float(np.median(lat)), 4), "p99_ms": round(float(np.percentile(lat, 99)), 4),
-                   "recall_at_10": round(recall, 4), "memory_bytes": memory, "build_s": round(build_s, 3),
-                   "params": params, "search_threads": args.threads}
-            runs.append(run)
-            print(f"n={n:>8} {index_type:<6} p50 {run['p50_ms']:8.3f} ms  recall@10 {recall:.3f}  "
-                  f"mem {memory / 2**20:8.1f} MiB  build {build_s:7.2f} s", flush=True)
+            name, values = SWEEP.get(index_type, (None, (None,)))
+            for value in values:
+                if name is not None:
+                    params = {**params, name: value}
+                    apply_search_params(index, index_type, params)
+                lat, got = time_queries(index, queries)
+                recall = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(truth, got)]))
+                run = {"index_type": index_type, "metric": metric, "n": n, "dim": info.dim,
+                       "p50_ms": round(float(np.median(lat)), 4), "p99_ms": round(float(np.percentile(lat, 99)), 4),
+                       "recall_at_10": round(recall, 4), "memory_bytes": memory, "build_s": round(build_s, 3),
+                       "params": dict(params), "search_threads": args.threads}
+                runs.append(run)
+                setting = f"{name}={value}" if name else ""
+                print(f"n={n:>8} {index_type:<6} {setting:<14} p50 {run['p50_ms']:8.3f} ms  recall@10 {recall:.3f}  "
+                      f"mem {memory / 2**20:8.1f} MiB  build {build_s:7.2f} s", flush=True)
         del data, exact
     doc = {"runs": runs, "meta": {**environment(), "bundle": args.index, "method": args.method, "queries": args.queries,
                                   "jitter_fraction_of_median_nn": args.jitter, "sigma": sigma}}

@@ -19,12 +19,18 @@ from cbmir.errors import InvalidInputError
 INDEX_TYPES = ("flat", "ivf", "hnsw", "sq8", "ivfpq")
 FAISS_METRICS = {"l2": faiss.METRIC_L2, "l1": faiss.METRIC_L1, "cosine": faiss.METRIC_INNER_PRODUCT}
 AUTO_FLAT_MAX = 200_000
-"""Up to this many vectors ``auto`` keeps exact flat search (see benchmarks/results/scaling.json)."""
+"""Up to this many vectors ``auto`` keeps exact flat search (about 5 ms per query on one core at 128-d)."""
 
 
 def choose_index_type(n: int, metric: str) -> str:
-    """The ``auto`` policy: exact flat search for small archives, HNSW beyond :data:`AUTO_FLAT_MAX`."""
-    return "flat" if n <= AUTO_FLAT_MAX else "hnsw"
+    """The ``auto`` policy: exact flat search up to :data:`AUTO_FLAT_MAX` vectors, IVF-Flat beyond.
+
+    Measured on 128-d MedNIST CNN descriptors (benchmarks/results/scaling.json): flat costs 2.6 ms per query at
+    10^5 and 29 ms at 10^6; at 10^6 IVF-Flat (nprobe 16) answers in 0.25 ms at recall@10 0.98 with 522 bytes per
+    vector and a 25 s build, HNSW (efSearch 64) in 0.12 ms at 0.98 but with 784 bytes per vector and a 70 s build.
+    IVF-Flat also serves every metric (L1 included).
+    """
+    return "flat" if n <= AUTO_FLAT_MAX else "ivf"
 
 
 def default_params(index_type: str, n: int, dim: int) -> dict[str, Any]:

@@ -32,7 +32,7 @@ def test_unsupported_combinations_and_auto_policy():
         build_index(clustered(500), "l1", "sq8")
     with pytest.raises(InvalidInputError, match="unknown index type"):
         build_index(clustered(500), "l2", "lsh")
-    assert choose_index_type(50_000, "l2") == "flat" and choose_index_type(2_000_000, "l2") == "hnsw"
+    assert choose_index_type(50_000, "l2") == "flat" and choose_index_type(2_000_000, "l2") == "ivf"
 
 
 def test_hnsw_bundle_round_trip_and_exact_filters(unifesp_subset, tmp_path):
