@@ -47,6 +47,7 @@ bench:
 	$(PYTHON) -m cbmir.benchmarks.latency --index $(BUNDLES)/mednist-fast --bovw-index $(BUNDLES)/mednist
 	$(PYTHON) -m cbmir.benchmarks.scaling --index $(BUNDLES)/mednist-fast
 	$(PYTHON) -m cbmir.benchmarks.plots
+	$(PYTHON) -m cbmir.benchmarks.report --bench > benchmarks/results/SUMMARY.md
 
 report:
 	$(PYTHON) -m cbmir.benchmarks.report > docs/RESULTS.md
