@@ -41,7 +41,7 @@ bench-bundle:
 	cbmir eval --index $(BUNDLES)/mednist-fast --methods cnn,hog,cnn+hog --relevance body_region,modality,label \
 		--json $(RESULTS)/mednist-fast.json --no-progress
 
-# About 10 minutes on a 2-core CPU; needs $(BUNDLES)/mednist (make eval-mednist) and $(BUNDLES)/mednist-fast.
+# About 11 minutes on a 2-core CPU; needs $(BUNDLES)/mednist (make eval-mednist) and $(BUNDLES)/mednist-fast.
 bench:
 	$(PYTHON) -m cbmir.benchmarks.throughput --index $(BUNDLES)/mednist,$(BUNDLES)/mednist-fast
 	$(PYTHON) -m cbmir.benchmarks.latency --index $(BUNDLES)/mednist-fast --bovw-index $(BUNDLES)/mednist

@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--methods", default="cnn,hog,bovw,cnn+hog")
     parser.add_argument("--concurrency", default="1,8")
     parser.add_argument("--requests", type=int, default=200, help="per method and concurrency")
-    parser.add_argument("--seconds", type=float, default=30.0, help="time cap per method and concurrency")
+    parser.add_argument("--seconds", type=float, default=25.0, help="time cap per method and concurrency")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--baseline-requests", type=int, default=30)
     parser.add_argument("--workers", type=int, default=8)
