@@ -175,7 +175,7 @@ def measure(index: str, names: list[str], payloads: list[bytes], args: argparse.
                     time.sleep(0.2)
                     records, offset = server_records(log_path, offset)
                     stages: dict[str, float] = {}
-                    for key in ("decode", "preprocess", "extract", "search", "rerank", "total"):
+                    for key in ("decode", "queue", "preprocess", "extract", "search", "rerank", "total"):
                         values = [r["ms"][key] for r in records if key in r.get("ms", {})]
                         if values:
                             stages[key] = round(float(np.median(values)), 3)

@@ -145,6 +145,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         device=args.device,
         torch_threads=args.torch_threads,
         search_threads=args.search_threads,
+        micro_batch=args.micro_batch,
     )
     serve_forever(config)
     return 0
@@ -228,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     s.add_argument("--torch-threads", type=int, default=1, help="intra-op threads per request for the extractors")
     s.add_argument("--search-threads", type=int, default=1, help="FAISS threads per search")
+    s.add_argument("--micro-batch", type=int, default=32,
+                   help="most query images described together across concurrent requests (0: off)")
     s.set_defaults(func=cmd_serve)
 
     q = sub.add_parser("query", help="send an image to a running server and print the hits")

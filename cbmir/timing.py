@@ -38,3 +38,12 @@ def stage(name: str) -> Iterator[None]:
         yield
     finally:
         stages[name] = stages.get(name, 0.0) + (time.perf_counter() - t0) * 1000.0
+
+
+def add_stages(stages: dict[str, float]) -> None:
+    """Add durations measured elsewhere (another thread's batch) to the current recording, if any."""
+    current = getattr(_local, "stages", None)
+    if current is None:
+        return
+    for name, ms in stages.items():
+        current[name] = current.get(name, 0.0) + ms
