@@ -43,3 +43,24 @@ def test_cli_eval_writes_json_and_cli_errors_are_clean(small_bundle, tmp_path, c
     assert "| cnn | label |" in capsys.readouterr().out
     assert main(["eval", "--index", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_external_query_set_is_described_by_the_bundles_extractors(small_bundle, unifesp_subset, tmp_path):
+    import csv
+
+    root, labels = unifesp_subset
+    with open(labels, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    queries_csv = tmp_path / "queries.csv"
+    with open(queries_csv, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows[::9])  # 10 of the archived images, re-described from their files
+    from cbmir.index_build import open_archive
+
+    doc = evaluate(load_bundle(small_bundle), ["hog"], ["label"], queries=open_archive(root, queries_csv),
+                   device="cpu", progress=False)
+    result = doc["results"][0]
+    assert doc["config"]["protocol"] == "external queries" and result["queries"] == 10
+    # Each query is itself in the archive: its own copy ranks first, so P@1 is exactly 1.
+    assert result["mP@k"][0] == 1.0 and result["describe_s"] > 0

@@ -354,3 +354,15 @@ def test_serve_process_stops_gracefully_on_sigterm(small_bundle):
         assert '"event": "shutdown"' in proc.stderr.read()
     finally:
         proc.kill()
+
+
+def test_expired_deadline_stops_server_work(sleepy_server, archive):
+    stats = sleepy_server.service.stats
+    with RetrievalClient(f"127.0.0.1:{sleepy_server.port}", timeout=0.3) as c:
+        with pytest.raises(grpc.RpcError) as err:
+            c.search_image(image_bytes(archive, 0), k=3)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline = time.time() + 10
+    while stats.cancelled < 1 and time.time() < deadline:
+        time.sleep(0.05)
+    assert stats.cancelled == 1 and stats.searches == 0
