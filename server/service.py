@@ -279,15 +279,12 @@ class RetrievalService(pb_grpc.RetrievalServicer):
             needed.setdefault(plan.method, []).append((plan, "vector"))
             if plan.rerank is not None:
                 needed.setdefault(plan.rerank, []).append((plan, "rerank_vector"))
-        futures_by_method = {}
+        images = {method: [p.image for p, _ in targets] for method, targets in needed.items()}
+        submitted = {m: self.batchers[m].submit(images[m]) for m in needed if m in self.batchers}
         for method, targets in needed.items():
-            images = [p.image for p, _ in targets]
-            batcher = self.batchers.get(method)
-            futures_by_method[method] = batcher.submit(images) if batcher else None
-        for method, targets in needed.items():
-            pending = futures_by_method[method]
+            pending = submitted.get(method)
             if pending is None:
-                vectors = engine.describe(method, [p.image for p, _ in targets])
+                vectors = engine.describe(method, images[method])
             else:
                 t0 = time.perf_counter()
                 vectors, stages = pending.result()
