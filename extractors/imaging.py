@@ -8,6 +8,7 @@ needs it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import logging
@@ -107,11 +108,8 @@ def decode_dicom(
     min-max stretched. MONOCHROME1 is inverted so bone is bright. Colour images (pydicom returns YBR data as
     RGB) and palette images become luminance. Multi-frame images use their middle frame.
     """
-    import pydicom
+    pydicom = _pydicom()
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
-
-    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
-    logging.getLogger("pydicom").setLevel(logging.ERROR)
 
     try:
         stream = io.BytesIO(data) if isinstance(data, bytes) else data
@@ -142,6 +140,16 @@ def decode_dicom(
     except Exception as exc:  # pydicom raises many unrelated types for corrupt files
         raise InvalidInputError(f"{source}: cannot decode DICOM ({type(exc).__name__}: {exc})") from exc
     return image.astype(np.float32), dicom_metadata(ds)
+
+
+@functools.cache
+def _pydicom() -> Any:
+    """pydicom, imported on first use and set once to read lenient files quietly."""
+    import pydicom
+
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    return pydicom
 
 
 def dicom_metadata(ds: Any) -> dict[str, str]:

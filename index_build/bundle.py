@@ -44,7 +44,6 @@ RECORDS = "records.json"
 KEEP_VERSIONS = 2
 
 
-
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

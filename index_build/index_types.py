@@ -39,7 +39,7 @@ def default_params(index_type: str, n: int, dim: int) -> dict[str, Any]:
         return {"nlist": max(1, min(4 * int(math.sqrt(n)), n // 39 or 1)), "nprobe": 32}
     if index_type == "ivfpq":
         m = next(m for m in (dim // 4, dim // 8, dim // 16, 8, 4, 2, 1) if m >= 1 and dim % m == 0)
-        return {"nlist": max(1, min(4 * int(math.sqrt(n)), n // 39 or 1)), "nprobe": 32, "pq_m": m, "rerank": 0}
+        return {"nlist": max(1, min(4 * int(math.sqrt(n)), n // 39 or 1)), "nprobe": 32, "pq_m": m}
     if index_type == "hnsw":
         return {"M": 32, "efConstruction": 80, "efSearch": 128}
     return {}

@@ -37,8 +37,6 @@ class MicroBatcher:
         self._describe = describe
         self._max_batch = max_batch
         self._queue: queue.SimpleQueue[tuple[list[np.ndarray], Future[Result]] | None] = queue.SimpleQueue()
-        self.batches = 0
-        self.images = 0
         self._thread = threading.Thread(target=self._run, name=f"cbmir-batch-{name}", daemon=True)
         self._thread.start()
 
@@ -83,8 +81,6 @@ class MicroBatcher:
             else:
                 pending[0][1].set_exception(exc)
             return
-        self.batches += 1
-        self.images += len(images)
         start = 0
         for imgs, future in pending:
             future.set_result((out[start : start + len(imgs)], dict(stages)))

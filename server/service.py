@@ -102,6 +102,7 @@ class _Plan:
     rerank: str | None
     k_prep: int
     allowed: np.ndarray | None
+    filter_key: tuple[tuple[str, tuple[str, ...]], ...]
     exclude: np.ndarray
     image: np.ndarray | None = None
     vector: np.ndarray | None = None
@@ -237,7 +238,8 @@ class RetrievalService(pb_grpc.RetrievalServicer):
         row_of = engine.bundle.row_of
         exclude = [row_of[i] for i in request.exclude_ids if i in row_of]
         kind = request.WhichOneof("query")
-        plan = _Plan(kind or "", method, k, rerank, k_prep, allowed, np.zeros(0, np.int64))
+        filter_key = tuple(sorted((f, tuple(sorted(set(v)))) for f, v in filters.items()))
+        plan = _Plan(kind or "", method, k, rerank, k_prep, allowed, filter_key, np.zeros(0, np.int64))
         if kind is None:
             raise InvalidInputError("empty request: set one of image, pixels, archive_id or vector")
         if kind == "image":
@@ -302,7 +304,7 @@ class RetrievalService(pb_grpc.RetrievalServicer):
         dists: list[np.ndarray] = [np.zeros(0, np.float32)] * len(plans)
         groups: dict[tuple[Any, ...], list[int]] = {}
         for i, p in enumerate(plans):
-            key = (p.method, p.rerank, p.k, p.k_prep, None if p.allowed is None else p.allowed.tobytes())
+            key = (p.method, p.rerank, p.k, p.k_prep, p.filter_key)
             groups.setdefault(key, []).append(i)
         for members in groups.values():
             first = plans[members[0]]
