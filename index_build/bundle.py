@@ -201,7 +201,7 @@ class MethodIndex:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def _flat_index(descriptors: np.ndarray, metric: str) -> tuple[faiss.Index, np.ndarray]:
+def flat_index(descriptors: np.ndarray, metric: str) -> tuple[faiss.Index, np.ndarray]:
     """A flat FAISS index over ``descriptors`` and a zero-copy numpy view of its storage."""
     n, d = descriptors.shape
     index = faiss.IndexFlat(d, FAISS_METRICS[metric])
@@ -272,7 +272,7 @@ def load_bundle(path: str | os.PathLike[str], *, verify: bool = True) -> Bundle:
             except (OSError, ValueError) as exc:
                 raise BundleError(f"{state_path}: unreadable extractor state ({exc})") from exc
         if index_type == "flat":
-            index, descriptors = _flat_index(descriptors, info["metric"])
+            index, descriptors = flat_index(descriptors, info["metric"])
         else:
             index_path = version_dir / info["files"]["index"]
             try:

@@ -1,7 +1,10 @@
 """FAISS index types a bundle can use, how to build them, and the ``auto`` choice by archive size.
 
 ``flat`` is exact and needs no training; ``ivf`` (IVF-Flat), ``hnsw`` (HNSW-Flat), ``sq8`` (8-bit scalar
-quantiser, flat scan) and ``ivfpq`` (IVF with product quantisation) trade exactness for speed or memory. Filtered
+quantiser, flat scan) and ``ivfpq`` (IVF with product quantisation) trade exactness for speed or memory. ``itq`` is
+the binary-code coarse-to-fine search of the hashing papers: ITQ (PCA to ``bits`` dimensions plus a learned
+rotation) binarises every descriptor, a Hamming scan over the codes picks ``k_factor x k`` candidates, and those
+are re-ranked exactly on the float descriptors. Filtered
 searches on approximate indices fall back to an exact scan of the allowed rows (see the search engine), so
 filters stay exact whatever the index.
 """
@@ -16,7 +19,7 @@ import numpy as np
 
 from cbmir.errors import InvalidInputError
 
-INDEX_TYPES = ("flat", "ivf", "hnsw", "sq8", "ivfpq")
+INDEX_TYPES = ("flat", "ivf", "hnsw", "sq8", "ivfpq", "itq")
 FAISS_METRICS = {"l2": faiss.METRIC_L2, "l1": faiss.METRIC_L1, "cosine": faiss.METRIC_INNER_PRODUCT}
 AUTO_FLAT_MAX = 200_000
 """Up to this many vectors ``auto`` keeps exact flat search (about 5 ms per query on one core at 128-d)."""
@@ -42,6 +45,8 @@ def default_params(index_type: str, n: int, dim: int) -> dict[str, Any]:
         return {"nlist": max(1, min(4 * int(math.sqrt(n)), n // 39 or 1)), "nprobe": 32, "pq_m": m}
     if index_type == "hnsw":
         return {"M": 32, "efConstruction": 80, "efSearch": 128}
+    if index_type == "itq":
+        return {"bits": max(8, min(128, dim // 8 * 8)), "k_factor": 10}
     return {}
 
 
@@ -52,6 +57,7 @@ def factory_string(index_type: str, params: dict[str, Any]) -> str:
         "hnsw": f"HNSW{params.get('M', 32)}",
         "sq8": "SQ8",
         "ivfpq": f"IVF{params.get('nlist', 1)},PQ{params.get('pq_m', 8)}",
+        "itq": f"ITQ{params.get('bits', 64)},LSH,RFlat",
     }[index_type]
 
 
@@ -69,6 +75,8 @@ def build_index(
         raise InvalidInputError(f"index type {index_type} does not support the L1 metric; use flat, ivf or hnsw")
     n, dim = descriptors.shape
     params = {**default_params(index_type, n, dim), **(params or {})}
+    if index_type == "itq" and not 1 <= int(params["bits"]) <= dim:
+        raise InvalidInputError(f"itq needs 1 <= bits <= descriptor width {dim}, got {params['bits']}")
     index = faiss.index_factory(dim, factory_string(index_type, params), FAISS_METRICS[metric])
     if index_type == "hnsw":
         faiss.downcast_index(index).hnsw.efConstruction = int(params["efConstruction"])
@@ -90,3 +98,5 @@ def apply_search_params(index: faiss.Index, index_type: str, params: dict[str, A
         faiss.extract_index_ivf(index).nprobe = int(params["nprobe"])
     elif index_type == "hnsw":
         faiss.downcast_index(index).hnsw.efSearch = int(params["efSearch"])
+    elif index_type == "itq":
+        faiss.downcast_index(index).k_factor = float(params["k_factor"])

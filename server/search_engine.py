@@ -42,10 +42,10 @@ def _to_true_distance(raw: np.ndarray, metric: str) -> np.ndarray:
 class SearchEngine:
     """Holds a bundle's indices and (lazily restored, then reused) extractors; answers batched queries."""
 
-    def __init__(self, bundle: Bundle, device: str = "auto") -> None:
+    def __init__(self, bundle: Bundle, device: str = "auto", extractors: Mapping[str, Extractor] | None = None) -> None:
         self.bundle = bundle
         self.device = device
-        self._extractors: dict[str, Extractor] = {}
+        self._extractors: dict[str, Extractor] = dict(extractors or {})
         self._lock = threading.Lock()
         self._values: dict[str, dict[str, np.ndarray]] = {}
         for field, column in bundle.metadata.items():
@@ -86,6 +86,12 @@ class SearchEngine:
     def describe(self, name: str, images: Sequence[np.ndarray]) -> np.ndarray:
         """Searchable descriptors (Q, dim) of query images for one method."""
         return self.extractor(name).describe(images)
+
+    def describe_and_classify(self, name: str, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Searchable descriptors (Q, dim) and class probabilities (Q, C) from one pass of a fine-tuned method."""
+        extractor, _ = self.class_predictor(name)
+        raw = extractor.extract(images)
+        return extractor.transform(raw), extractor.class_probabilities(raw)
 
     def check_queries(self, name: str, queries: np.ndarray) -> np.ndarray:
         """Validate a (Q, dim) query matrix for a method; returns it as contiguous float32."""
@@ -172,6 +178,89 @@ class SearchEngine:
             rows = np.take_along_axis(candidates, order, axis=1)
             dist = np.take_along_axis(dist, order, axis=1)
         return SearchResult(_pad(rows, k, -1), _pad(dist, k, np.inf))
+
+    def class_predictor(self, method: str) -> tuple[Extractor, str]:
+        """The method's extractor and the metadata field its classes name, for class-predicted search."""
+        extractor = self.extractor(method)
+        if not getattr(extractor, "can_classify", False):
+            raise InvalidInputError(
+                f"method {method!r} has no classification head; index a checkpoint from `cbmir train` to use "
+                "class-predicted search"
+            )
+        field = (getattr(extractor, "training", None) or {}).get("label_field") or "label"
+        if field not in self._values:
+            raise InvalidInputError(f"class-predicted search needs the metadata field {field!r}, absent from this index")
+        return extractor, field
+
+    def search_predicted_class(
+        self,
+        method: str,
+        queries: np.ndarray,
+        probabilities: np.ndarray,
+        k: int,
+        *,
+        min_confidence: float = 0.5,
+        allowed: np.ndarray | None = None,
+        exclude: Sequence[np.ndarray] | None = None,
+        rerank: str | None = None,
+        rerank_queries: np.ndarray | None = None,
+        k_prep: int | None = None,
+    ) -> tuple[SearchResult, np.ndarray]:
+        """Search only the predicted class when the head is confident; the full archive otherwise.
+
+        A confident query whose class holds fewer than k searchable images is topped up with the best hits from
+        the rest of the archive, so it still gets k hits.
+
+        Args:
+            probabilities: (Q, C) class probabilities from the method's head (columns follow its ``classes``).
+            min_confidence: smallest top probability that restricts the search to the predicted class.
+            Other arguments as in :meth:`search`.
+
+        Returns:
+            The result and (Q,) int64 predicted class index, -1 where the query fell back to the full archive.
+        """
+        extractor, field = self.class_predictor(method)
+        classes = extractor.classes or []
+        probs = np.asarray(probabilities, dtype=np.float32)
+        if probs.shape != (len(queries), len(classes)):
+            raise ValueError(f"probabilities must be (Q, {len(classes)}), got {probs.shape}")
+        if not 0.0 <= min_confidence <= 1.0:
+            raise InvalidInputError(f"min_confidence must be within [0, 1], got {min_confidence}")
+        predicted = np.where(probs.max(axis=1) >= min_confidence, probs.argmax(axis=1), -1).astype(np.int64)
+
+        def run(sel: np.ndarray, mask: np.ndarray | None) -> SearchResult:
+            return self.search(
+                method,
+                queries[sel],
+                k,
+                allowed=mask,
+                exclude=None if exclude is None else [exclude[i] for i in sel],
+                rerank=rerank,
+                rerank_queries=None if rerank_queries is None else rerank_queries[sel],
+                k_prep=k_prep,
+            )
+
+        rows = np.full((len(queries), k), -1, np.int64)
+        dist = np.full((len(queries), k), np.inf, np.float32)
+        for c in np.unique(predicted):
+            sel = np.flatnonzero(predicted == c)
+            mask = allowed
+            if c >= 0:
+                mask = self.allowed_rows({field: [classes[c]]})
+                if allowed is not None:
+                    mask &= allowed
+            result = run(sel, mask)
+            rows[sel], dist[sel] = result.rows, result.distances
+        short = np.flatnonzero((predicted >= 0) & (rows[:, -1] < 0))
+        if len(short):
+            full = run(short, allowed)
+            for j, i in enumerate(short):
+                have = rows[i][rows[i] >= 0]
+                extra = ~np.isin(full.rows[j], have) & (full.rows[j] >= 0)
+                fill = k - len(have)
+                rows[i, len(have) :] = np.concatenate([full.rows[j][extra][:fill], np.full(fill, -1)])[:fill]
+                dist[i, len(have) :] = np.concatenate([full.distances[j][extra][:fill], np.full(fill, np.inf)])[:fill]
+        return SearchResult(rows, dist), predicted
 
     def _knn(
         self,

@@ -107,6 +107,9 @@ class _Plan:
     image: np.ndarray | None = None
     vector: np.ndarray | None = None
     rerank_vector: np.ndarray | None = None
+    min_class_confidence: float | None = None
+    probabilities: np.ndarray | None = None
+    predicted_class: str = ""
 
 
 class RetrievalService(pb_grpc.RetrievalServicer):
@@ -146,6 +149,9 @@ class RetrievalService(pb_grpc.RetrievalServicer):
             rows, dists = self._search(engine, [plan], context)
             hits = self._hits(engine, rows[0], dists[0])
             record["hits"] = len(hits)
+            if plan.min_class_confidence is not None:
+                record["predicted_class"] = plan.predicted_class
+                context.set_trailing_metadata((("cbmir-predicted-class", plan.predicted_class),))
         yield from self._stream(hits, context, lambda _: 1)
 
     def SearchBatch(self, request: pb.SearchBatchRequest, context: grpc.ServicerContext) -> Iterator[pb.SearchBatchResult]:
@@ -268,6 +274,14 @@ class RetrievalService(pb_grpc.RetrievalServicer):
                 plan.rerank_vector = engine.check_queries(
                     rerank, np.asarray(request.rerank_vector.values, dtype=np.float32)
                 )
+        if request.predict_class:
+            if kind not in ("image", "pixels"):
+                raise InvalidInputError("predict_class needs an image query (image or pixels)")
+            engine.class_predictor(method)
+            confidence = request.min_class_confidence or 0.5
+            if not 0.0 <= confidence <= 1.0:
+                raise InvalidInputError(f"min_class_confidence must be within [0, 1], got {confidence}")
+            plan.min_class_confidence = confidence
         plan.exclude = np.asarray(sorted(set(exclude)), dtype=np.int64)
         return plan
 
@@ -278,7 +292,10 @@ class RetrievalService(pb_grpc.RetrievalServicer):
         for plan in plans:
             if plan.image is None:
                 continue
-            needed.setdefault(plan.method, []).append((plan, "vector"))
+            if plan.min_class_confidence is not None:
+                plan.vector, plan.probabilities = engine.describe_and_classify(plan.method, [plan.image])
+            else:
+                needed.setdefault(plan.method, []).append((plan, "vector"))
             if plan.rerank is not None:
                 needed.setdefault(plan.rerank, []).append((plan, "rerank_vector"))
         images = {method: [p.image for p, _ in targets] for method, targets in needed.items()}
@@ -304,21 +321,39 @@ class RetrievalService(pb_grpc.RetrievalServicer):
         dists: list[np.ndarray] = [np.zeros(0, np.float32)] * len(plans)
         groups: dict[tuple[Any, ...], list[int]] = {}
         for i, p in enumerate(plans):
-            key = (p.method, p.rerank, p.k, p.k_prep, p.filter_key)
+            key = (p.method, p.rerank, p.k, p.k_prep, p.filter_key, p.min_class_confidence)
             groups.setdefault(key, []).append(i)
         for members in groups.values():
             first = plans[members[0]]
-            result = engine.search(
-                first.method,
-                np.concatenate([plans[i].vector for i in members]),
-                first.k,
-                allowed=first.allowed,
-                exclude=[plans[i].exclude for i in members],
-                rerank=first.rerank,
-                rerank_queries=None if first.rerank is None else np.concatenate(
-                    [plans[i].rerank_vector for i in members]),
-                k_prep=first.k_prep,
-            )
+            if first.min_class_confidence is not None:
+                result, predicted = engine.search_predicted_class(
+                    first.method,
+                    np.concatenate([plans[i].vector for i in members]),
+                    np.concatenate([plans[i].probabilities for i in members]),
+                    first.k,
+                    min_confidence=first.min_class_confidence,
+                    allowed=first.allowed,
+                    exclude=[plans[i].exclude for i in members],
+                    rerank=first.rerank,
+                    rerank_queries=None if first.rerank is None else np.concatenate(
+                        [plans[i].rerank_vector for i in members]),
+                    k_prep=first.k_prep,
+                )
+                classes = engine.extractor(first.method).classes or []
+                for j, i in enumerate(members):
+                    plans[i].predicted_class = classes[predicted[j]] if predicted[j] >= 0 else ""
+            else:
+                result = engine.search(
+                    first.method,
+                    np.concatenate([plans[i].vector for i in members]),
+                    first.k,
+                    allowed=first.allowed,
+                    exclude=[plans[i].exclude for i in members],
+                    rerank=first.rerank,
+                    rerank_queries=None if first.rerank is None else np.concatenate(
+                        [plans[i].rerank_vector for i in members]),
+                    k_prep=first.k_prep,
+                )
             for j, i in enumerate(members):
                 rows[i], dists[i] = result.rows[j], result.distances[j]
             self.stats.add("searches", len(members))

@@ -52,3 +52,21 @@ def test_hnsw_bundle_round_trip_and_exact_filters(unifesp_subset, tmp_path):
     allowed = (labels_col == "Knee") & (patients == patients[knee[0]])
     res = engine.search("hog", d[:1], 10, allowed=allowed)
     assert sorted(res.rows[0][res.rows[0] >= 0]) == sorted(np.flatnonzero(allowed))
+
+
+def test_itq_coarse_to_fine_returns_exact_float_distances():
+    x = clustered(4000, 64)
+    exact, _ = build_index(x, "l2", "flat")
+    itq, params = build_index(x, "l2", "itq", {"bits": 32, "k_factor": 20})
+    assert params == {"bits": 32, "k_factor": 20}
+    true_d, truth = exact.search(x[:200], 10)
+    got_d, got = itq.search(x[:200], 10)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(truth, got)])
+    assert recall >= 0.8, recall
+    recomputed = np.square(x[got] - x[:200, None, :]).sum(-1)
+    np.testing.assert_allclose(got_d, recomputed, rtol=1e-4, atol=1e-3)
+    loose, _ = build_index(x, "l2", "itq", {"bits": 32, "k_factor": 1})
+    _, coarse_only = loose.search(x[:200], 10)
+    assert recall > np.mean([len(set(a) & set(b)) / 10 for a, b in zip(truth, coarse_only)])
+    with pytest.raises(InvalidInputError, match="bits"):
+        build_index(x, "l2", "itq", {"bits": 128})

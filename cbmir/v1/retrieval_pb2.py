@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63\x62mir/v1/retrieval.proto\x12\x08\x63\x62mir.v1\"H\n\nPixelArray\x12\r\n\x05width\x18\x01 \x01(\r\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\x18\n\x06Vector\x12\x0e\n\x06values\x18\x01 \x03(\x02\"/\n\x0eMetadataFilter\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\t\"\xc5\x02\n\rSearchRequest\x12\x0f\n\x05image\x18\x01 \x01(\x0cH\x00\x12&\n\x06pixels\x18\x02 \x01(\x0b\x32\x14.cbmir.v1.PixelArrayH\x00\x12\x14\n\narchive_id\x18\x03 \x01(\tH\x00\x12\"\n\x06vector\x18\x04 \x01(\x0b\x32\x10.cbmir.v1.VectorH\x00\x12\t\n\x01k\x18\x05 \x01(\r\x12\x0e\n\x06method\x18\x06 \x01(\t\x12\x0e\n\x06rerank\x18\x07 \x01(\t\x12\x0e\n\x06k_prep\x18\x08 \x01(\r\x12)\n\x07\x66ilters\x18\t \x03(\x0b\x32\x18.cbmir.v1.MetadataFilter\x12\x13\n\x0b\x65xclude_ids\x18\n \x03(\t\x12\x14\n\x0cinclude_self\x18\x0b \x01(\x08\x12\'\n\rrerank_vector\x18\x0c \x01(\x0b\x32\x10.cbmir.v1.VectorB\x07\n\x05query\"\xaa\x01\n\tSearchHit\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03uri\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\x10\n\x08\x64istance\x18\x04 \x01(\x02\x12\x33\n\x08metadata\x18\x05 \x03(\x0b\x32!.cbmir.v1.SearchHit.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\">\n\x12SearchBatchRequest\x12(\n\x07queries\x18\x01 \x03(\x0b\x32\x17.cbmir.v1.SearchRequest\"K\n\x11SearchBatchResult\x12\x13\n\x0bquery_index\x18\x01 \x01(\r\x12!\n\x04hits\x18\x02 \x03(\x0b\x32\x13.cbmir.v1.SearchHit\"\x15\n\x13GetIndexInfoRequest\"s\n\nMethodInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\textractor\x18\x02 \x01(\t\x12\x0b\n\x03\x64im\x18\x03 \x01(\r\x12\x0e\n\x06metric\x18\x04 \x01(\t\x12\x12\n\nindex_type\x18\x05 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x06 \x01(\t\"\xdf\x01\n\tIndexInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\x12%\n\x07methods\x18\x03 \x03(\x0b\x32\x14.cbmir.v1.MethodInfo\x12\x15\n\rfilter_fields\x18\x04 \x03(\t\x12\x0f\n\x07\x63reated\x18\x05 \x01(\t\x12\x12\n\nbuild_json\x18\x06 \x01(\t\x12\r\n\x05max_k\x18\x07 \x01(\r\x12\x15\n\rcbmir_version\x18\x08 \x01(\t\x12\x16\n\x0e\x64\x65\x66\x61ult_method\x18\t \x01(\t\x12\x11\n\tmax_batch\x18\n \x01(\r2\xd5\x01\n\tRetrieval\x12\x38\n\x06Search\x12\x17.cbmir.v1.SearchRequest\x1a\x13.cbmir.v1.SearchHit0\x01\x12J\n\x0bSearchBatch\x12\x1c.cbmir.v1.SearchBatchRequest\x1a\x1b.cbmir.v1.SearchBatchResult0\x01\x12\x42\n\x0cGetIndexInfo\x12\x1d.cbmir.v1.GetIndexInfoRequest\x1a\x13.cbmir.v1.IndexInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63\x62mir/v1/retrieval.proto\x12\x08\x63\x62mir.v1\"H\n\nPixelArray\x12\r\n\x05width\x18\x01 \x01(\r\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\x18\n\x06Vector\x12\x0e\n\x06values\x18\x01 \x03(\x02\"/\n\x0eMetadataFilter\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\t\"\xfa\x02\n\rSearchRequest\x12\x0f\n\x05image\x18\x01 \x01(\x0cH\x00\x12&\n\x06pixels\x18\x02 \x01(\x0b\x32\x14.cbmir.v1.PixelArrayH\x00\x12\x14\n\narchive_id\x18\x03 \x01(\tH\x00\x12\"\n\x06vector\x18\x04 \x01(\x0b\x32\x10.cbmir.v1.VectorH\x00\x12\t\n\x01k\x18\x05 \x01(\r\x12\x0e\n\x06method\x18\x06 \x01(\t\x12\x0e\n\x06rerank\x18\x07 \x01(\t\x12\x0e\n\x06k_prep\x18\x08 \x01(\r\x12)\n\x07\x66ilters\x18\t \x03(\x0b\x32\x18.cbmir.v1.MetadataFilter\x12\x13\n\x0b\x65xclude_ids\x18\n \x03(\t\x12\x14\n\x0cinclude_self\x18\x0b \x01(\x08\x12\'\n\rrerank_vector\x18\x0c \x01(\x0b\x32\x10.cbmir.v1.Vector\x12\x15\n\rpredict_class\x18\r \x01(\x08\x12\x1c\n\x14min_class_confidence\x18\x0e \x01(\x02\x42\x07\n\x05query\"\xaa\x01\n\tSearchHit\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03uri\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\x10\n\x08\x64istance\x18\x04 \x01(\x02\x12\x33\n\x08metadata\x18\x05 \x03(\x0b\x32!.cbmir.v1.SearchHit.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\">\n\x12SearchBatchRequest\x12(\n\x07queries\x18\x01 \x03(\x0b\x32\x17.cbmir.v1.SearchRequest\"K\n\x11SearchBatchResult\x12\x13\n\x0bquery_index\x18\x01 \x01(\r\x12!\n\x04hits\x18\x02 \x03(\x0b\x32\x13.cbmir.v1.SearchHit\"\x15\n\x13GetIndexInfoRequest\"s\n\nMethodInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\textractor\x18\x02 \x01(\t\x12\x0b\n\x03\x64im\x18\x03 \x01(\r\x12\x0e\n\x06metric\x18\x04 \x01(\t\x12\x12\n\nindex_type\x18\x05 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x06 \x01(\t\"\xdf\x01\n\tIndexInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\x12%\n\x07methods\x18\x03 \x03(\x0b\x32\x14.cbmir.v1.MethodInfo\x12\x15\n\rfilter_fields\x18\x04 \x03(\t\x12\x0f\n\x07\x63reated\x18\x05 \x01(\t\x12\x12\n\nbuild_json\x18\x06 \x01(\t\x12\r\n\x05max_k\x18\x07 \x01(\r\x12\x15\n\rcbmir_version\x18\x08 \x01(\t\x12\x16\n\x0e\x64\x65\x66\x61ult_method\x18\t \x01(\t\x12\x11\n\tmax_batch\x18\n \x01(\r2\xd5\x01\n\tRetrieval\x12\x38\n\x06Search\x12\x17.cbmir.v1.SearchRequest\x1a\x13.cbmir.v1.SearchHit0\x01\x12J\n\x0bSearchBatch\x12\x1c.cbmir.v1.SearchBatchRequest\x1a\x1b.cbmir.v1.SearchBatchResult0\x01\x12\x42\n\x0cGetIndexInfo\x12\x1d.cbmir.v1.GetIndexInfoRequest\x1a\x13.cbmir.v1.IndexInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,21 +40,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_METADATAFILTER']._serialized_start=138
   _globals['_METADATAFILTER']._serialized_end=185
   _globals['_SEARCHREQUEST']._serialized_start=188
-  _globals['_SEARCHREQUEST']._serialized_end=513
-  _globals['_SEARCHHIT']._serialized_start=516
-  _globals['_SEARCHHIT']._serialized_end=686
-  _globals['_SEARCHHIT_METADATAENTRY']._serialized_start=639
-  _globals['_SEARCHHIT_METADATAENTRY']._serialized_end=686
-  _globals['_SEARCHBATCHREQUEST']._serialized_start=688
-  _globals['_SEARCHBATCHREQUEST']._serialized_end=750
-  _globals['_SEARCHBATCHRESULT']._serialized_start=752
-  _globals['_SEARCHBATCHRESULT']._serialized_end=827
-  _globals['_GETINDEXINFOREQUEST']._serialized_start=829
-  _globals['_GETINDEXINFOREQUEST']._serialized_end=850
-  _globals['_METHODINFO']._serialized_start=852
-  _globals['_METHODINFO']._serialized_end=967
-  _globals['_INDEXINFO']._serialized_start=970
-  _globals['_INDEXINFO']._serialized_end=1193
-  _globals['_RETRIEVAL']._serialized_start=1196
-  _globals['_RETRIEVAL']._serialized_end=1409
+  _globals['_SEARCHREQUEST']._serialized_end=566
+  _globals['_SEARCHHIT']._serialized_start=569
+  _globals['_SEARCHHIT']._serialized_end=739
+  _globals['_SEARCHHIT_METADATAENTRY']._serialized_start=692
+  _globals['_SEARCHHIT_METADATAENTRY']._serialized_end=739
+  _globals['_SEARCHBATCHREQUEST']._serialized_start=741
+  _globals['_SEARCHBATCHREQUEST']._serialized_end=803
+  _globals['_SEARCHBATCHRESULT']._serialized_start=805
+  _globals['_SEARCHBATCHRESULT']._serialized_end=880
+  _globals['_GETINDEXINFOREQUEST']._serialized_start=882
+  _globals['_GETINDEXINFOREQUEST']._serialized_end=903
+  _globals['_METHODINFO']._serialized_start=905
+  _globals['_METHODINFO']._serialized_end=1020
+  _globals['_INDEXINFO']._serialized_start=1023
+  _globals['_INDEXINFO']._serialized_end=1246
+  _globals['_RETRIEVAL']._serialized_start=1249
+  _globals['_RETRIEVAL']._serialized_end=1462
 # @@protoc_insertion_point(module_scope)

@@ -112,6 +112,8 @@ class SearchRequest(_message.Message):
     EXCLUDE_IDS_FIELD_NUMBER: _builtins.int
     INCLUDE_SELF_FIELD_NUMBER: _builtins.int
     RERANK_VECTOR_FIELD_NUMBER: _builtins.int
+    PREDICT_CLASS_FIELD_NUMBER: _builtins.int
+    MIN_CLASS_CONFIDENCE_FIELD_NUMBER: _builtins.int
     image: _builtins.bytes
     """PNG, JPEG or DICOM file bytes, detected from content"""
     archive_id: _builtins.str
@@ -126,6 +128,13 @@ class SearchRequest(_message.Message):
     """candidates re-ranked (0 means max(k, 10))"""
     include_self: _builtins.bool
     """archive_id queries: also return the query image itself"""
+    predict_class: _builtins.bool
+    """image queries on a fine-tuned method (`cbmir train`): search only the"""
+    min_class_confidence: _builtins.float
+    """class its head predicts (trailing metadata `cbmir-predicted-class`;
+    empty when it fell back to the whole archive)
+    top class probability needed to restrict the search (0 means 0.5)
+    """
     @_builtins.property
     def pixels(self) -> Global___PixelArray:
         """a decoded grayscale image"""
@@ -159,10 +168,12 @@ class SearchRequest(_message.Message):
         exclude_ids: _abc.Iterable[_builtins.str] | None = ...,
         include_self: _builtins.bool = ...,
         rerank_vector: Global___Vector | None = ...,
+        predict_class: _builtins.bool = ...,
+        min_class_confidence: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["archive_id", b"archive_id", "image", b"image", "pixels", b"pixels", "query", b"query", "rerank_vector", b"rerank_vector", "vector", b"vector"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["archive_id", b"archive_id", "exclude_ids", b"exclude_ids", "filters", b"filters", "image", b"image", "include_self", b"include_self", "k", b"k", "k_prep", b"k_prep", "method", b"method", "pixels", b"pixels", "query", b"query", "rerank", b"rerank", "rerank_vector", b"rerank_vector", "vector", b"vector"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["archive_id", b"archive_id", "exclude_ids", b"exclude_ids", "filters", b"filters", "image", b"image", "include_self", b"include_self", "k", b"k", "k_prep", b"k_prep", "method", b"method", "min_class_confidence", b"min_class_confidence", "pixels", b"pixels", "predict_class", b"predict_class", "query", b"query", "rerank", b"rerank", "rerank_vector", b"rerank_vector", "vector", b"vector"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_query: _TypeAlias = _typing.Literal["image", "pixels", "archive_id", "vector"]  # noqa: Y015
     _WhichOneofArgType_query: _TypeAlias = _typing.Literal["query", b"query"]  # noqa: Y015

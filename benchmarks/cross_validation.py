@@ -1,0 +1,242 @@
+"""Group k-fold cross-validation of pretrained and fine-tuned descriptors on a labelled archive.
+
+For each fold: fine-tune on the other folds (their own patient-grouped validation split drives early stopping),
+describe the whole archive, and let every held-out image query the whole archive minus its own group (patient)
+and itself. Rankings of all folds are pooled and scored like ``cbmir eval``. Methods that learn nothing from labels
+(pretrained ``cnn``, ``hog``, ``bovw``) are described once and ranked under the same protocol, so every row of the
+table is measured on the same queries and exclusions.
+
+Methods: ``cnn`` (ImageNet backbone), ``hog``, ``bovw``, ``finetuned``, ``multiscale`` (fine-tuned backbone,
+pooled stages concatenated, PCA), ``hashing`` (ITQ binary codes, Hamming candidates, exact float re-rank, over the
+fine-tuned descriptors), ``classpred`` (search within the class the fine-tuned head predicts, whole archive when
+unsure), and ``A+B`` (A's candidates re-ranked by B).
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cbmir.errors import InvalidInputError
+from cbmir.extractors import create_extractor
+from cbmir.extractors.cnn import CNNExtractor
+from cbmir.index_build.bundle import Bundle, MethodIndex, flat_index
+from cbmir.index_build.index_types import build_index
+from cbmir.server.search_engine import SearchEngine
+from cbmir.training import TrainConfig, group_kfold, save_checkpoint, train_extractor
+from cbmir.training.dataset import LabelledImages
+
+from .retrieval_quality import K, parse_method, score_rankings
+
+log = logging.getLogger("cbmir.cv")
+
+FIXED = ("cnn", "hog", "bovw")
+LEARNED = ("finetuned", "multiscale", "hashing", "classpred")
+
+
+def _method_index(name: str, extractor: str, descriptors: np.ndarray, metric: str, index_type: str = "flat",
+                  params: dict[str, Any] | None = None) -> MethodIndex:
+    if index_type == "flat":
+        index, view = flat_index(descriptors, metric)
+    else:
+        index, params = build_index(descriptors, metric, index_type, params)
+        view = np.ascontiguousarray(descriptors, dtype=np.float32)
+    return MethodIndex(name, extractor, {}, metric, descriptors.shape[1], index_type, index, view, {},
+                       {"index_params": params or {}})
+
+
+def _describe(extractor: Any, images: Sequence[np.ndarray], batch: int = 256) -> np.ndarray:
+    raw = np.concatenate([extractor.extract(images[s : s + batch]) for s in range(0, len(images), batch)])
+    extractor.fit_archive(raw)
+    return extractor.transform(raw)
+
+
+def _search_ms(index: Any, queries: np.ndarray, repeats: int = 3) -> float:
+    """Median wall time per query (ms) of a batched top-K search on one thread."""
+    threads = torch.get_num_threads()
+    import faiss
+
+    faiss.omp_set_num_threads(1)
+    times = []
+    try:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            index.search(queries, K)
+            times.append((time.perf_counter() - t0) * 1000 / len(queries))
+    finally:
+        faiss.omp_set_num_threads(threads)
+    return float(np.median(times))
+
+
+def cross_validate(
+    data: LabelledImages,
+    *,
+    label_field: str,
+    relevance: Sequence[str],
+    methods: Sequence[str],
+    group_field: str | None = None,
+    folds: int = 5,
+    seed: int = 0,
+    train_config: TrainConfig | None = None,
+    pretrained_image_size: int = 224,
+    multiscale_stages: Sequence[int] = (1, 2, 3, 4),
+    multiscale_dim: int = 256,
+    hashing_bits: int = 64,
+    hashing_k_factor: int = 10,
+    min_confidence: float = 0.5,
+    k_prep: int = 10,
+    device: str = "auto",
+    progress: bool = True,
+    keep_rankings: bool = False,
+) -> dict[str, Any]:
+    """Run the protocol; returns the JSON-ready document (per-method scores, per-fold training, timings).
+
+    With ``keep_rankings`` the document also holds ``rankings``: method -> (N, K) archive rows per query.
+    """
+    train_config = train_config or TrainConfig(device=device)
+    labels = data.column(label_field)
+    if any(v == "" for v in labels):
+        raise InvalidInputError(f"every image needs a {label_field!r} value for cross-validation; use --select")
+    groups = data.column(group_field) if group_field else [""] * len(data)
+    fold_of = group_kfold(groups, folds, seed)
+    n = len(data)
+    group_codes = np.unique(np.asarray([g or f"\x00{i}" for i, g in enumerate(groups)]), return_inverse=True)[1]
+    members = np.split(np.argsort(group_codes, kind="stable"), np.cumsum(np.bincount(group_codes))[:-1])
+    excluded = [members[group_codes[i]] for i in range(n)]
+    needed = {name for spec in methods for name in parse_method(spec) if name}
+    unknown = needed - set(FIXED) - set(LEARNED)
+    if unknown:
+        raise InvalidInputError(f"unknown cross-validation method(s) {sorted(unknown)}; use {FIXED + LEARNED}")
+
+    fixed: dict[str, MethodIndex] = {}
+    timings: dict[str, float] = {}
+    for name in sorted(needed & set(FIXED)):
+        t0 = time.perf_counter()
+        cfg: dict[str, Any] = {"device": device}
+        if name == "cnn":
+            cfg["image_size"] = pretrained_image_size
+        extractor = create_extractor(name, **cfg)
+        if extractor.needs_fit:
+            sample = np.random.default_rng(seed).choice(n, min(n, 5000), replace=False)
+            extractor.fit([data.images[i] for i in sample])
+        fixed[name] = _method_index(name, name, _describe(extractor, data.images), extractor.metric)
+        timings[f"describe_{name}_s"] = round(time.perf_counter() - t0, 1)
+        log.info("described %d images with %s in %.1f s", n, name, timings[f"describe_{name}_s"])
+
+    rows = {spec: np.full((n, K), -1, np.int64) for spec in methods}
+    fold_info: list[dict[str, Any]] = []
+    extra: dict[str, Any] = {"classpred_routed": 0, "classpred_correct": 0, "head_correct": 0}
+    speed: dict[str, list[float]] = {"flat_ms": [], "hashing_ms": []}
+    for fold in range(folds):
+        test = np.flatnonzero(fold_of == fold)
+        train = np.flatnonzero(fold_of != fold)
+        learned: dict[str, MethodIndex] = {}
+        info: dict[str, Any] = {"fold": fold, "queries": int(len(test)), "train_images": int(len(train))}
+        ft: CNNExtractor | None = None
+        if needed & set(LEARNED):
+            cfg_fold = TrainConfig(**{**asdict(train_config), "seed": train_config.seed + fold})
+            result = train_extractor([data.images[i] for i in train], [labels[i] for i in train],
+                                     [groups[i] for i in train], cfg_fold, progress=progress)
+            result.training["label_field"] = label_field
+            ft = result.extractor
+            ft.training = result.training
+            info.update(train_s=round(result.seconds, 1), best_epoch=result.best_epoch,
+                        best_val_mAP=result.best_val_map, epochs_run=len(result.history))
+            t0 = time.perf_counter()
+            raw = np.concatenate([ft.extract(data.images[s : s + 256]) for s in range(0, n, 256)])
+            descriptors = ft.transform(raw)
+            info["describe_s"] = round(time.perf_counter() - t0, 1)
+            learned["finetuned"] = _method_index("finetuned", "cnn", descriptors, "l2")
+            if "classpred" in needed:
+                learned["classpred"] = learned["finetuned"]
+                probs = ft.class_probabilities(raw[test])
+                extra["head_correct"] += int((np.asarray(ft.classes)[probs.argmax(1)] == np.asarray(labels)[test]).sum())
+            if "hashing" in needed:
+                t0 = time.perf_counter()
+                learned["hashing"] = _method_index("hashing", "cnn", descriptors, "l2", "itq",
+                                                   {"bits": hashing_bits, "k_factor": hashing_k_factor})
+                info["hashing_build_s"] = round(time.perf_counter() - t0, 2)
+                speed["flat_ms"].append(_search_ms(learned["finetuned"].index, descriptors[test]))
+                speed["hashing_ms"].append(_search_ms(learned["hashing"].index, descriptors[test]))
+            if "multiscale" in needed:
+                with tempfile.TemporaryDirectory() as tmp:
+                    ckpt = save_checkpoint(result, Path(tmp) / "fold.pt")
+                    ms = CNNExtractor(model=train_config.model, weights=str(ckpt), image_size=train_config.image_size,
+                                      stages=multiscale_stages, pca_dim=min(multiscale_dim, n), device=device)
+                t0 = time.perf_counter()
+                learned["multiscale"] = _method_index("multiscale", "cnn", _describe(ms, data.images), "l2")
+                info["multiscale_describe_s"] = round(time.perf_counter() - t0, 1)
+        bundle = Bundle(Path(f"cv-fold-{fold}"), {}, list(data.ids), list(data.ids), data.metadata,
+                        {**fixed, **learned})
+        engine = SearchEngine(bundle, device=device, extractors={"classpred": ft} if ft is not None else None)
+        fold_excluded = [excluded[i] for i in test]
+        for spec in methods:
+            method, rerank = parse_method(spec)
+            queries = bundle.methods[method].descriptors[test]
+            rerank_q = bundle.methods[rerank].descriptors[test] if rerank else None
+            if method == "classpred" and ft is not None:
+                probs = ft.class_probabilities(raw[test])
+                result_rows, predicted = engine.search_predicted_class(
+                    method, queries, probs, K, min_confidence=min_confidence, exclude=fold_excluded,
+                    rerank=rerank, rerank_queries=rerank_q, k_prep=k_prep)
+                routed = predicted >= 0
+                extra["classpred_routed"] += int(routed.sum())
+                extra["classpred_correct"] += int(
+                    (np.asarray(ft.classes)[predicted[routed]] == np.asarray(labels)[test][routed]).sum())
+                rows[spec][test] = result_rows.rows
+            else:
+                rows[spec][test] = engine.search(method, queries, K, exclude=fold_excluded, rerank=rerank,
+                                                 rerank_queries=rerank_q, k_prep=k_prep).rows
+        fold_info.append(info)
+        log.info("fold %d/%d done: %s", fold + 1, folds, info)
+
+    results = []
+    for spec in methods:
+        for rel_spec in relevance:
+            scores = score_rankings(rows[spec], data.metadata, data.metadata, excluded, rel_spec)
+            results.append({"method": spec, "relevance": rel_spec, **scores})
+            log.info("%s / %s: seed mAP %.4f", spec, rel_spec, scores["seed_mAP"])
+    summary: dict[str, Any] = {}
+    if "classpred" in needed:
+        summary["classpred_routed_fraction"] = round(extra["classpred_routed"] / n, 4)
+        summary["classpred_routed_accuracy"] = round(extra["classpred_correct"] / max(1, extra["classpred_routed"]), 4)
+        summary["head_accuracy"] = round(extra["head_correct"] / n, 4)
+    if speed["flat_ms"]:
+        summary["flat_search_ms_per_query"] = round(float(np.median(speed["flat_ms"])), 4)
+        summary["hashing_search_ms_per_query"] = round(float(np.median(speed["hashing_ms"])), 4)
+        summary["hashing_speedup"] = round(summary["flat_search_ms_per_query"] / summary["hashing_search_ms_per_query"], 2)
+    doc: dict[str, Any] = {
+        "results": results,
+        "summary": summary,
+        "folds": fold_info,
+        "config": {
+            "protocol": f"group {folds}-fold cross-validation" + (f" by {group_field}" if group_field else ""),
+            "archive_count": n,
+            "label_field": label_field,
+            "group_field": group_field,
+            "exclude": f"the query's own {group_field}" if group_field else "the query itself",
+            "seed": seed,
+            "k": K,
+            "k_prep": k_prep,
+            "pretrained_image_size": pretrained_image_size,
+            "multiscale": {"stages": list(multiscale_stages), "pca_dim": multiscale_dim},
+            "hashing": {"bits": hashing_bits, "k_factor": hashing_k_factor},
+            "min_confidence": min_confidence,
+            "training": asdict(train_config),
+            "timings": timings,
+            "platform": platform.platform(),
+            "torch_threads": torch.get_num_threads(),
+        },
+    }
+    if keep_rankings:
+        doc["rankings"] = rows
+    return doc

@@ -1,0 +1,203 @@
+"""Fine-tuning: splits, loss, a few real training steps, checkpoint round trip, and the learned variants."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cbmir.errors import InvalidInputError
+from cbmir.extractors.cnn import CNNExtractor
+from cbmir.training import TrainConfig, group_kfold, group_split, save_checkpoint, train_extractor
+from cbmir.training.dataset import balanced_subsample
+from cbmir.training.losses import supervised_contrastive_loss
+
+
+def test_group_kfold_keeps_groups_whole_and_balances_folds() -> None:
+    rng = np.random.default_rng(0)
+    groups = [f"p{g}" for g in rng.integers(0, 40, 300)] + [""] * 20
+    folds = group_kfold(groups, 5, seed=1)
+    arr = np.asarray(groups)
+    for g in set(groups) - {""}:
+        assert len(set(folds[arr == g])) == 1
+    sizes = np.bincount(folds, minlength=5)
+    assert sizes.sum() == 320 and sizes.max() - sizes.min() <= max(np.unique(arr[arr != ""], return_counts=True)[1])
+    with pytest.raises(InvalidInputError):
+        group_kfold(["a", "b"], 3)
+
+
+def test_group_split_never_shares_a_group() -> None:
+    groups = [f"p{i // 4}" for i in range(200)]
+    train, val = group_split(groups, 0.2, seed=3)
+    assert len(train) + len(val) == 200 and 30 <= len(val) <= 60
+    assert not {groups[i] for i in train} & {groups[i] for i in val}
+    assert len(group_split(groups, 0.0)[1]) == 0
+
+
+def test_balanced_subsample_spreads_over_classes() -> None:
+    labels = ["a"] * 100 + ["b"] * 10 + ["c"] * 50
+    keep = balanced_subsample(labels, 60, seed=0)
+    picked = np.asarray(labels)[keep]
+    assert len(keep) == 60 and (picked == "b").sum() == 10 and abs((picked == "a").sum() - (picked == "c").sum()) <= 1
+
+
+def test_supcon_rewards_clustered_embeddings() -> None:
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    centres = torch.eye(3)[labels]
+    clustered = torch.nn.functional.normalize(centres + 0.05 * torch.randn(6, 3), dim=1)
+    mixed = torch.nn.functional.normalize(torch.eye(3)[torch.tensor([0, 1, 2, 0, 1, 2])] + 0.05, dim=1)
+    assert supervised_contrastive_loss(clustered, labels) < supervised_contrastive_loss(mixed, labels)
+    lonely = supervised_contrastive_loss(clustered, torch.arange(6))
+    assert float(lonely) == 0.0
+
+
+@pytest.fixture(scope="module")
+def trained(unifesp_subset: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory):
+    """Lite0 fine-tuned for a few steps on 90 real radiographs of 3 body parts, and its checkpoint."""
+    from cbmir.index_build import open_archive
+    from cbmir.training.dataset import decode_archive
+
+    root, labels_csv = unifesp_subset
+    data = decode_archive(open_archive(root, labels_csv), progress=False)
+    config = TrainConfig(image_size=64, epochs=4, batch_size=16, lr=1e-3, val_fraction=0.2, patience=10,
+                         device="cpu", seed=0)
+    result = train_extractor(data.images, data.column("label"), data.column("patient_id"), config, progress=False)
+    result.training["label_field"] = "label"
+    ckpt = save_checkpoint(result, tmp_path_factory.mktemp("ckpt") / "lite0.pt")
+    return data, result, ckpt
+
+
+def test_training_loss_falls_and_validation_is_patient_disjoint(trained) -> None:
+    _, result, _ = trained
+    losses = [row["loss"] for row in result.history]
+    assert len(losses) == 4
+    assert losses[-1] < losses[0]
+    assert result.training["val_images"] > 0 and "val_mAP" in result.history[0]
+    assert result.classes == ["Abdomen", "Chest", "Knee"]
+
+
+def test_checkpoint_round_trips_into_an_extractor(trained) -> None:
+    data, result, ckpt = trained
+    images = data.images[:12]
+    loaded = CNNExtractor(weights=str(ckpt), image_size=64, device="cpu")
+    np.testing.assert_allclose(loaded.describe(images), result.extractor.describe(images), rtol=0, atol=1e-6)
+    assert loaded.classes == result.classes and loaded.training["best_epoch"] == result.best_epoch
+    raw = loaded.extract(images)
+    np.testing.assert_allclose(loaded.class_probabilities(raw), result.extractor.class_probabilities(raw), atol=1e-6)
+    predicted = np.asarray(loaded.classes)[loaded.class_probabilities(loaded.extract(data.images)).argmax(1)]
+    assert (predicted == np.asarray(data.column("label"))).mean() > 0.6
+
+
+@pytest.fixture(scope="module")
+def finetuned_bundle(trained, unifesp_subset: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from cbmir.index_build import build_bundle, open_archive
+
+    _, _, ckpt = trained
+    out = tmp_path_factory.mktemp("ft") / "bundle"
+    build_bundle(open_archive(*unifesp_subset), out, {"cnn": {"weights": str(ckpt), "image_size": 64}},
+                 device="cpu", progress=False)
+    return out
+
+
+def test_checkpoint_bundle_records_training_and_restores_identically(trained, finetuned_bundle: Path) -> None:
+    from cbmir.index_build import load_bundle
+    from cbmir.server.search_engine import SearchEngine
+
+    data, result, _ = trained
+    bundle = load_bundle(finetuned_bundle)
+    config = bundle.manifest["methods"]["cnn"]["config"]
+    assert config["training"]["best_epoch"] == result.best_epoch and config["classes"] == result.classes
+    restored = SearchEngine(bundle, device="cpu").extractor("cnn")
+    np.testing.assert_allclose(restored.describe(data.images[:5]), result.extractor.describe(data.images[:5]),
+                               atol=1e-6)
+    assert restored.can_classify
+
+
+def test_class_predicted_search_stays_in_the_predicted_class(trained, finetuned_bundle: Path) -> None:
+    from cbmir.index_build import load_bundle
+    from cbmir.server.search_engine import SearchEngine
+
+    data, _, _ = trained
+    bundle = load_bundle(finetuned_bundle)
+    engine = SearchEngine(bundle, device="cpu")
+    extractor = engine.extractor("cnn")
+    raw = extractor.extract(data.images[:20])
+    queries, probs = extractor.transform(raw), extractor.class_probabilities(raw)
+    result, predicted = engine.search_predicted_class("cnn", queries, probs, 10, min_confidence=0.0)
+    labels = np.asarray(bundle.metadata["label"])
+    assert (predicted >= 0).all()
+    for i in range(20):
+        assert set(labels[result.rows[i]]) == {extractor.classes[predicted[i]]}
+    full = engine.search("cnn", queries, 10)
+    fallback, none_routed = engine.search_predicted_class("cnn", queries, probs, 10, min_confidence=1.0)
+    assert (none_routed[probs.max(1) < 1.0] == -1).all()
+    unsure = probs.max(1) < 1.0
+    np.testing.assert_array_equal(fallback.rows[unsure], full.rows[unsure])
+    topped, _ = engine.search_predicted_class("cnn", queries[:3], probs[:3], 40, min_confidence=0.0)
+    assert (topped.rows >= 0).all() and all(len(set(r)) == 40 for r in topped.rows)
+    with pytest.raises(InvalidInputError):
+        engine.search_predicted_class("cnn", queries, probs, 10, min_confidence=1.5)
+
+
+def test_multiscale_descriptor_concatenates_stage_features(trained) -> None:
+    data, _, ckpt = trained
+    ms = CNNExtractor(weights=str(ckpt), image_size=64, stages=(1, 2, 3, 4), device="cpu")
+    assert ms.raw_dim == sum(ms.net.feature_info.channels()) and ms.raw_dim < 1280
+    raw = ms.extract(data.images[:4])
+    widths = np.cumsum([0, *ms.net.feature_info.channels()])
+    for lo, hi in zip(widths[:-1], widths[1:]):
+        np.testing.assert_allclose(np.linalg.norm(raw[:, lo:hi], axis=1), 1.0, atol=1e-5)
+    ms_pca = CNNExtractor(weights=str(ckpt), image_size=64, stages=(2, 4), pca_dim=16, device="cpu")
+    ms_pca.fit_archive(ms_pca.extract(data.images[:40]))
+    assert ms_pca.describe(data.images[:3]).shape == (3, 16)
+
+
+def test_cross_validation_queries_every_image_once_without_its_patient(unifesp_subset) -> None:
+    from cbmir.benchmarks.cross_validation import cross_validate
+    from cbmir.index_build import open_archive
+    from cbmir.training.dataset import decode_archive
+
+    data = decode_archive(open_archive(*unifesp_subset), progress=False)
+    doc = cross_validate(
+        data, label_field="label", relevance=["label"], methods=["hog", "finetuned", "classpred", "hashing"],
+        group_field="patient_id", folds=2,
+        train_config=TrainConfig(image_size=64, epochs=1, batch_size=16, device="cpu", val_fraction=0.2),
+        hashing_bits=32, device="cpu", progress=False, keep_rankings=True,
+    )
+    patients = np.asarray(data.column("patient_id"))
+    for method, rows in doc["rankings"].items():
+        assert (rows >= 0).all(), method
+        assert not (patients[rows] == patients[:, None]).any(), method
+    assert {r["method"] for r in doc["results"]} == {"hog", "finetuned", "classpred", "hashing"}
+    assert all(r["queries"] == len(data) for r in doc["results"])
+    assert [f["queries"] for f in doc["folds"]] and sum(f["queries"] for f in doc["folds"]) == len(data)
+    assert 0.0 <= doc["summary"]["classpred_routed_fraction"] <= 1.0
+    assert all(0.0 < r["seed_mAP"] <= 1.0 for r in doc["results"])
+
+
+def test_server_answers_class_predicted_search(trained, finetuned_bundle: Path) -> None:
+    import grpc
+
+    from cbmir.client import build_request
+    from cbmir.server.service import ServerConfig, start_server
+    from cbmir.v1 import retrieval_pb2_grpc as pb_grpc
+
+    data, _, _ = trained
+    running = start_server(ServerConfig(index=str(finetuned_bundle), port=0, device="cpu"), wait_ready=True)
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
+        stub = pb_grpc.RetrievalStub(channel)
+        pixels = (data.images[0] * 255).astype(np.uint8)
+        stream = stub.Search(build_request(pixels=pixels, k=10, predict_class=True, min_class_confidence=0.01), timeout=30)
+        hits = list(stream)
+        predicted = dict(stream.trailing_metadata())["cbmir-predicted-class"]
+        assert predicted in ("Abdomen", "Chest", "Knee")
+        assert len(hits) == 10 and {h.metadata["label"] for h in hits} == {predicted}
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.Search(build_request(archive_id=data.ids[0], predict_class=True), timeout=30))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        channel.close()
+    finally:
+        running.stop(0)
