@@ -1,4 +1,4 @@
-"""The ``cbmir`` command: train, build, eval, serve, query, info and demo."""
+"""The ``cbmir`` command: train, build, add, remove, eval, serve, query, info and demo."""
 
 from __future__ import annotations
 
@@ -108,6 +108,31 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"{result.seconds:.0f} s on {result.training['device']}")
     print(f"index with: cbmir build --images {args.images} --extractors cnn --weights {path} "
           f"--image-size {args.image_size} --model {args.model} --out DIR")
+    return 0
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    from cbmir.index_build import add_to_bundle, open_archive
+
+    archive = open_archive(args.images, args.labels)
+    archive = archive.select({k: v[-1] for k, v in _pairs(args.select, "--select").items()})
+    report = add_to_bundle(args.index, archive, id_prefix=args.id_prefix, batch_size=args.batch_size,
+                           device=args.device, progress=not args.no_progress)
+    print(f"{report.path}: {report.count} images ({len(report.added)} added, {len(report.duplicates)} already "
+          f"indexed, {len(report.skipped)} unreadable)")
+    return 0
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    from cbmir.index_build import remove_from_bundle
+
+    ids = list(args.ids or [])
+    if args.ids_file:
+        ids += [line.strip() for line in Path(args.ids_file).read_text().splitlines() if line.strip()]
+    if not ids:
+        raise InvalidInputError("name the ids to remove with --ids or --ids-file")
+    report = remove_from_bundle(args.index, ids, missing_ok=args.missing_ok)
+    print(f"{report.path}: {report.count} images ({len(report.removed)} removed)")
     return 0
 
 
@@ -317,6 +342,24 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--select", action="append", metavar="FIELD=VALUE", help="index only matching images")
     b.add_argument("--no-progress", action="store_true")
     b.set_defaults(func=cmd_build)
+
+    a = sub.add_parser("add", help="index more images into a bundle as a new version (nothing re-extracted)")
+    a.add_argument("--index", required=True, help="bundle directory")
+    a.add_argument("--images", required=True, help="folder tree, .zip or .npz of new images")
+    a.add_argument("--labels", help="labels CSV for the new images")
+    a.add_argument("--select", action="append", metavar="FIELD=VALUE", help="add only matching images")
+    a.add_argument("--id-prefix", default="", help="prepended to the new images' ids (keeps sources apart)")
+    a.add_argument("--batch-size", type=int, default=64)
+    a.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    a.add_argument("--no-progress", action="store_true")
+    a.set_defaults(func=cmd_add)
+
+    r = sub.add_parser("remove", help="drop ids from a bundle as a new version")
+    r.add_argument("--index", required=True, help="bundle directory")
+    r.add_argument("--ids", nargs="+", help="archive ids to remove")
+    r.add_argument("--ids-file", help="file with one id per line")
+    r.add_argument("--missing-ok", action="store_true", help="ignore ids that are not indexed")
+    r.set_defaults(func=cmd_remove)
 
     t = sub.add_parser("train", help="fine-tune a cnn backbone on an archive's labels")
     t.add_argument("--images", required=True, help="folder tree, .zip of images, or .npz of arrays")

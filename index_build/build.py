@@ -16,11 +16,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from cbmir.checksums import sha256_pixels
 from cbmir.errors import InvalidInputError
 from cbmir.extractors import Extractor, create_extractor, resolve_device
 
 from .archive import Archive, ImageRecord
-from .bundle import RECORDS, BundleWriter
+from .bundle import RECORDS, BundleWriter, update_lock
 from .index_types import build_index, choose_index_type
 
 log = logging.getLogger("cbmir.build")
@@ -47,13 +48,81 @@ def _load_batch(archive: Archive, indices: Sequence[int]) -> tuple[list[ImageRec
     return records, skipped
 
 
-def _records_columns(records: list[tuple[str, str, dict[str, str]]]) -> dict[str, Any]:
-    fields = sorted({k for _, _, meta in records for k in meta})
+def records_columns(records: Sequence[tuple[str, str, dict[str, str], str]]) -> dict[str, Any]:
+    """The column-oriented records.json document of (id, uri, metadata, content hash) rows."""
+    fields = sorted({k for _, _, meta, _ in records for k in meta})
     return {
         "ids": [r[0] for r in records],
         "uris": [r[1] for r in records],
-        "metadata": {f: [meta.get(f, "") for _, _, meta in records] for f in fields},
+        "metadata": {f: [meta.get(f, "") for _, _, meta, _ in records] for f in fields},
+        "content_sha256": [r[3] for r in records],
     }
+
+
+@dataclass
+class Extraction:
+    """Raw descriptors of the readable images of an archive, and what was skipped."""
+
+    records: list[tuple[str, str, dict[str, str], str]]
+    raw: dict[str, np.ndarray]
+    skipped: list[dict[str, str]]
+    extract_s: dict[str, float]
+    timings: dict[str, float]
+
+
+def extract_archive(
+    archive: Archive,
+    methods: dict[str, Extractor],
+    *,
+    batch_size: int = 64,
+    progress: bool = True,
+    on_skip: Callable[[dict[str, str]], None] | None = None,
+    keep: Callable[[ImageRecord], bool] | None = None,
+) -> Extraction:
+    """Decode (prefetched on a thread) and extract every archive image in batches.
+
+    Args:
+        keep: optional predicate; records it rejects (e.g. duplicates of indexed images) are not extracted.
+    """
+    on_skip = on_skip or (lambda s: log.warning("skipped %s: %s", s["uri"], s["error"]))
+    raw: dict[str, list[np.ndarray]] = {name: [] for name in methods}
+    extract_s = {name: 0.0 for name in methods}
+    records: list[tuple[str, str, dict[str, str], str]] = []
+    skipped: list[dict[str, str]] = []
+    decode_s = 0.0
+    batches = [range(i, min(i + batch_size, len(archive))) for i in range(0, len(archive), batch_size)]
+    bar = tqdm(total=len(archive), desc="indexing", unit="img", disable=not progress, dynamic_ncols=True)
+    t_loop = time.perf_counter()
+    with ThreadPoolExecutor(1) as prefetch:
+        pending = prefetch.submit(_load_batch, archive, batches[0]) if batches else None
+        for b in range(len(batches)):
+            t0 = time.perf_counter()
+            batch_records, batch_skipped = pending.result()  # type: ignore[union-attr]
+            decode_s += time.perf_counter() - t0
+            if b + 1 < len(batches):
+                pending = prefetch.submit(_load_batch, archive, batches[b + 1])
+            for s in batch_skipped:
+                on_skip(s)
+            skipped.extend(batch_skipped)
+            if keep is not None:
+                batch_records = [r for r in batch_records if keep(r)]
+            if batch_records:
+                images = [r.image for r in batch_records]
+                for name, ex in methods.items():
+                    t0 = time.perf_counter()
+                    raw[name].append(ex.extract(images))
+                    extract_s[name] += time.perf_counter() - t0
+                records.extend((r.id, r.uri, r.metadata, sha256_pixels(r.image)) for r in batch_records)
+            bar.update(len(batches[b]))
+            bar.set_postfix(skipped=len(skipped))
+            if not progress and (b + 1) % max(1, len(batches) // 20) == 0:
+                done = batches[b].stop
+                rate = done / max(time.perf_counter() - t_loop, 1e-9)
+                log.info("indexed %d/%d images (%.1f img/s, %d skipped)", done, len(archive), rate, len(skipped))
+    bar.close()
+    stacked = {name: np.concatenate(parts) for name, parts in raw.items() if parts}
+    timings = {"extract_loop": time.perf_counter() - t_loop, "decode_wait": decode_s}
+    return Extraction(records, stacked, skipped, extract_s, timings)
 
 
 def build_bundle(
@@ -93,7 +162,6 @@ def build_bundle(
     if batch_size < 1:
         raise InvalidInputError(f"batch_size must be positive, got {batch_size}")
     torch_device = resolve_device(device)
-    on_skip = on_skip or (lambda s: log.warning("skipped %s: %s", s["uri"], s["error"]))
     timings: dict[str, float] = {}
     methods: dict[str, Extractor] = {}
     t0 = time.perf_counter()
@@ -102,7 +170,6 @@ def build_bundle(
                                          device=device)
     timings["load_models"] = time.perf_counter() - t0
 
-    skipped: list[dict[str, str]] = []
     to_fit = [name for name, ex in methods.items() if ex.needs_fit]
     if to_fit:
         t0 = time.perf_counter()
@@ -115,47 +182,16 @@ def build_bundle(
             timings[f"fit_{name}"] = time.perf_counter() - t1
         timings["fit_total"] = time.perf_counter() - t0
 
-    raw: dict[str, list[np.ndarray]] = {name: [] for name in methods}
-    extract_s = {name: 0.0 for name in methods}
-    records: list[tuple[str, str, dict[str, str]]] = []
-    decode_s = 0.0
-    batches = [range(i, min(i + batch_size, len(archive))) for i in range(0, len(archive), batch_size)]
-    bar = tqdm(total=len(archive), desc="indexing", unit="img", disable=not progress, dynamic_ncols=True)
-    t_loop = time.perf_counter()
-    with ThreadPoolExecutor(1) as prefetch:
-        pending = prefetch.submit(_load_batch, archive, batches[0])
-        for b in range(len(batches)):
-            t0 = time.perf_counter()
-            batch_records, batch_skipped = pending.result()
-            decode_s += time.perf_counter() - t0
-            if b + 1 < len(batches):
-                pending = prefetch.submit(_load_batch, archive, batches[b + 1])
-            for s in batch_skipped:
-                on_skip(s)
-            skipped.extend(batch_skipped)
-            if batch_records:
-                images = [r.image for r in batch_records]
-                for name, ex in methods.items():
-                    t0 = time.perf_counter()
-                    raw[name].append(ex.extract(images))
-                    extract_s[name] += time.perf_counter() - t0
-                records.extend((r.id, r.uri, r.metadata) for r in batch_records)
-            bar.update(len(batches[b]))
-            bar.set_postfix(skipped=len(skipped))
-            if not progress and (b + 1) % max(1, len(batches) // 20) == 0:
-                done = batches[b].stop
-                rate = done / max(time.perf_counter() - t_loop, 1e-9)
-                log.info("indexed %d/%d images (%.1f img/s, %d skipped)", done, len(archive), rate, len(skipped))
-    bar.close()
-    timings["extract_loop"] = time.perf_counter() - t_loop
-    timings["decode_wait"] = decode_s
+    extraction = extract_archive(archive, methods, batch_size=batch_size, progress=progress, on_skip=on_skip)
+    records, skipped, extract_s = extraction.records, extraction.skipped, extraction.extract_s
+    timings.update(extraction.timings)
     if not records:
         raise InvalidInputError(f"none of the {len(archive)} images in {archive.source} could be read")
 
     t0 = time.perf_counter()
     descriptors: dict[str, np.ndarray] = {}
     for name, ex in methods.items():
-        stacked = np.concatenate(raw.pop(name))
+        stacked = extraction.raw.pop(name)
         ex.fit_archive(stacked)
         descriptors[name] = ex.transform(stacked)
         del stacked
@@ -163,8 +199,8 @@ def build_bundle(
 
     t0 = time.perf_counter()
     method_info: dict[str, Any] = {}
-    with BundleWriter(out) as writer:
-        writer.write_json(RECORDS, _records_columns(records))
+    with update_lock(out), BundleWriter(out) as writer:
+        writer.write_json(RECORDS, records_columns(records))
         for name, ex in methods.items():
             files = {"descriptors": f"{name}.npy"}
             writer.write_array(files["descriptors"], descriptors[name])

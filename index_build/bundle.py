@@ -7,7 +7,7 @@ Layout::
       v20261122T101500Z-3fa1/  one immutable version
         manifest.json          format version, methods (extractor config, dim, metric, index type), counts,
                                build settings and timings, sha256 and size of every other file
-        records.json           ids, uris and metadata columns, row-aligned with the descriptors
+        records.json           ids, uris, metadata columns and pixel-content hashes, row-aligned with the descriptors
         <method>.npy           searchable descriptors, float32 (N, dim)
         <method>.state.npz     fitted extractor state (network weights, vocabulary, IDF, PCA)
         <method>.faiss         trained approximate index (only for index types other than flat)
@@ -18,11 +18,14 @@ A version is written into a temporary directory, fsynced, renamed into place, an
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import fcntl
 import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,7 +69,8 @@ class BundleWriter:
         self.root = Path(root)
         if self.root.exists() and not self.root.is_dir():
             raise BundleError(f"{self.root} exists and is not a directory")
-        if self.root.is_dir() and any(self.root.iterdir()) and not (self.root / CURRENT).exists():
+        visible = self.root.is_dir() and any(not p.name.startswith(".") for p in self.root.iterdir())
+        if visible and not (self.root / CURRENT).exists():
             raise BundleError(f"{self.root} is a non-empty directory that is not an index bundle; choose another --out")
         self.root.mkdir(parents=True, exist_ok=True)
         self.tmp = self.root / f".tmp-{uuid.uuid4().hex[:12]}"
@@ -85,6 +89,10 @@ class BundleWriter:
 
     def write_bytes(self, name: str, data: bytes | np.ndarray) -> None:
         (self.tmp / name).write_bytes(bytes(data))
+        self._files.append(name)
+
+    def copy_file(self, name: str, source: Path) -> None:
+        shutil.copyfile(source, self.tmp / name)
         self._files.append(name)
 
     def write_json(self, name: str, obj: Any) -> None:
@@ -139,6 +147,20 @@ class BundleWriter:
     def __exit__(self, exc_type: object, *_: object) -> None:
         if exc_type is not None:
             self.abort()
+
+
+@contextlib.contextmanager
+def update_lock(root: str | os.PathLike[str]) -> Iterator[None]:
+    """Exclusive advisory lock on a bundle root: updates read the live version and publish the next one under it,
+    so two concurrent updates cannot both start from the same version and lose one another's changes."""
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    with open(path / ".lock", "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def resolve_version_dir(path: str | os.PathLike[str]) -> Path:
@@ -220,6 +242,7 @@ class Bundle:
     uris: list[str]
     metadata: dict[str, list[str]]
     methods: dict[str, MethodIndex]
+    content_hashes: list[str] = field(default_factory=list)
     row_of: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -248,7 +271,9 @@ def load_bundle(path: str | os.PathLike[str], *, verify: bool = True) -> Bundle:
         raise BundleError(f"{version_dir / RECORDS}: unreadable records ({exc})") from exc
     ids, uris, metadata = records["ids"], records["uris"], records["metadata"]
     count = manifest["count"]
-    if len(ids) != count or len(uris) != count or any(len(col) != count for col in metadata.values()):
+    hashes = records.get("content_sha256") or [""] * count
+    if (len(ids) != count or len(uris) != count or len(hashes) != count
+            or any(len(col) != count for col in metadata.values())):
         raise BundleError(f"{version_dir / RECORDS}: holds a different number of records than the manifest's {count}")
     methods = {}
     for name, info in manifest["methods"].items():
@@ -294,4 +319,4 @@ def load_bundle(path: str | os.PathLike[str], *, verify: bool = True) -> Bundle:
             state=state,
             info=info,
         )
-    return Bundle(version_dir, manifest, ids, uris, metadata, methods)
+    return Bundle(version_dir, manifest, ids, uris, metadata, methods, content_hashes=hashes)
