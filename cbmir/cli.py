@@ -287,6 +287,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         torch_threads=args.torch_threads,
         search_threads=args.search_threads,
         micro_batch=args.micro_batch,
+        watch_s=args.watch,
     )
     serve_forever(config)
     return 0
@@ -414,6 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--search-threads", type=int, default=1, help="FAISS threads per search")
     s.add_argument("--micro-batch", type=int, default=32,
                    help="most query images described together across concurrent requests (0: off)")
+    s.add_argument("--watch", type=float, default=0.0, metavar="SECONDS",
+                   help="check for a new bundle version this often and swap it in (also: SIGHUP, Reload RPC)")
     s.set_defaults(func=cmd_serve)
 
     q = sub.add_parser("query", help="send an image to a running server and print the hits")

@@ -114,6 +114,10 @@ class RetrievalClient:
     def index_info(self) -> pb.IndexInfo:
         return self.stub.GetIndexInfo(pb.GetIndexInfoRequest(), timeout=self.timeout)
 
+    def reload(self) -> pb.ReloadResponse:
+        """Ask the server to swap in the bundle's live version (admin token needed when tokens are set)."""
+        return self.stub.Reload(pb.ReloadRequest(), timeout=self.timeout)
+
     def health(self, service: str = "") -> str:
         """``SERVING``, ``NOT_SERVING`` or ``UNKNOWN``."""
         resp = self.health_stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout)

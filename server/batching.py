@@ -37,17 +37,26 @@ class MicroBatcher:
         self._describe = describe
         self._max_batch = max_batch
         self._queue: queue.SimpleQueue[tuple[list[np.ndarray], Future[Result]] | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._closed = False
         self._thread = threading.Thread(target=self._run, name=f"cbmir-batch-{name}", daemon=True)
         self._thread.start()
 
     def submit(self, images: list[np.ndarray]) -> Future[Result]:
         """Queue images; the future resolves to their (len(images), D) descriptors and the batch's stages."""
         future: Future[Result] = Future()
-        self._queue.put((images, future))
+        with self._lock:
+            if not self._closed:
+                self._queue.put((images, future))
+                return future
+        self._process([(images, future)])  # closed (index swapped): describe on the caller's thread
         return future
 
     def close(self) -> None:
-        self._queue.put(None)
+        """Finish what is queued, then stop; later submissions are described on the caller's thread."""
+        with self._lock:
+            self._closed = True
+            self._queue.put(None)
         self._thread.join(timeout=5)
 
     def _run(self) -> None:

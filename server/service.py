@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from cbmir.errors import InvalidInputError, NotFoundError, NotReadyError, OverloadedError
 from cbmir.extractors.imaging import DEFAULT_MAX_PIXELS, decode_image, pixels_from_buffer
-from cbmir.index_build.bundle import load_bundle
+from cbmir.index_build.bundle import load_bundle, resolve_version_dir
 from cbmir.timing import add_stages, recording, stage
 from cbmir.v1 import retrieval_pb2 as pb
 from cbmir.v1 import retrieval_pb2_grpc as pb_grpc
@@ -42,7 +42,8 @@ class ServerConfig:
     concurrent requests share the cores without oversubscription, and on this 2-core machine a single query was
     also fastest that way (FAISS flat, 128-d x 58,954: 1.1 ms on one thread, 2.4 ms on two). ``micro_batch``
     is the most query images one batched description takes across concurrent requests (0: describe each request
-    on its own thread).
+    on its own thread). ``watch_s`` > 0 checks the bundle's live version that often and swaps a new one in (as
+    the ``Reload`` RPC and SIGHUP do).
     """
 
     index: str
@@ -61,6 +62,7 @@ class ServerConfig:
     torch_threads: int = 1
     search_threads: int = 1
     micro_batch: int = 32
+    watch_s: float = 0.0
 
     @property
     def concurrency(self) -> int:
@@ -113,31 +115,66 @@ class _Plan:
 
 
 class RetrievalService(pb_grpc.RetrievalServicer):
-    """Servicer; the engine (bundle, indices, warm extractors) is loaded once and shared by all requests."""
+    """Servicer; the engine (bundle, indices, warm extractors) is loaded once and shared by all requests.
+
+    A reload builds and warms a complete new engine beside the live one and then swaps one reference, so every
+    request runs start to finish on exactly one index version and none fails during the swap.
+    """
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self.engine: SearchEngine | None = None
         self.stats = ServiceStats()
         self._slots = threading.BoundedSemaphore(config.concurrency)
-        self.batchers: dict[str, MicroBatcher] = {}
+        self._live: tuple[SearchEngine, dict[str, MicroBatcher]] | None = None
+        self._reload_lock = threading.Lock()
 
-    def load(self) -> None:
-        """Load and validate the bundle, restore every extractor and run one warm-up pass each."""
+    @property
+    def engine(self) -> SearchEngine | None:
+        live = self._live
+        return None if live is None else live[0]
+
+    @property
+    def batchers(self) -> dict[str, MicroBatcher]:
+        live = self._live
+        return {} if live is None else live[1]
+
+    def load(self) -> bool:
+        """Load, validate and warm the bundle's live version and make it the one requests use.
+
+        Returns:
+            False when that version is already being served (nothing changed).
+        """
         import torch
 
         torch.set_num_threads(self.config.torch_threads)
-        t0 = time.perf_counter()
-        engine = SearchEngine(load_bundle(self.config.index), device=self.config.device)
-        engine.warmup()
-        if self.config.micro_batch > 0:
-            self.batchers = {
-                m: MicroBatcher(lambda images, m=m: engine.describe(m, images), self.config.micro_batch, m)
-                for m in engine.methods
-            }
-        self.engine = engine
-        log.info(json.dumps({"event": "loaded", "index": str(engine.bundle.path), "count": len(engine.bundle),
-                             "methods": engine.methods, "seconds": round(time.perf_counter() - t0, 3)}))
+        with self._reload_lock:
+            t0 = time.perf_counter()
+            old = self.engine
+            if old is not None and resolve_version_dir(self.config.index) == old.bundle.path:
+                return False
+            engine = SearchEngine(load_bundle(self.config.index), device=self.config.device)
+            engine.warmup()
+            batchers: dict[str, MicroBatcher] = {}
+            if self.config.micro_batch > 0:
+                batchers = {
+                    m: MicroBatcher(lambda images, m=m: engine.describe(m, images), self.config.micro_batch, m)
+                    for m in engine.methods
+                }
+            old_batchers = self.batchers
+            self._live = (engine, batchers)
+            for batcher in old_batchers.values():
+                batcher.close()
+            log.info(json.dumps({"event": "loaded", "index": str(engine.bundle.path), "version": engine.bundle.version,
+                                 "previous": None if old is None else old.bundle.version, "count": len(engine.bundle),
+                                 "methods": engine.methods, "seconds": round(time.perf_counter() - t0, 3)}))
+            return True
+
+    def Reload(self, request: pb.ReloadRequest, context: grpc.ServicerContext) -> pb.ReloadResponse:
+        previous = self._engine().bundle.version
+        changed = self.load()
+        engine = self._engine()
+        return pb.ReloadResponse(version=engine.bundle.version, previous_version=previous, changed=changed,
+                                 count=len(engine.bundle))
 
     # ----------------------------------------------------------------------------------------------- RPCs
     def Search(self, request: pb.SearchRequest, context: grpc.ServicerContext) -> Iterator[pb.SearchHit]:
@@ -299,7 +336,9 @@ class RetrievalService(pb_grpc.RetrievalServicer):
             if plan.rerank is not None:
                 needed.setdefault(plan.rerank, []).append((plan, "rerank_vector"))
         images = {method: [p.image for p, _ in targets] for method, targets in needed.items()}
-        submitted = {m: self.batchers[m].submit(images[m]) for m in needed if m in self.batchers}
+        live = self._live
+        batchers = live[1] if live is not None and live[0] is engine else {}
+        submitted = {m: batchers[m].submit(images[m]) for m in needed if m in batchers}
         for method, targets in needed.items():
             pending = submitted.get(method)
             if pending is None:
@@ -505,7 +544,22 @@ def serve_forever(config: ServerConfig) -> None:
         log.info(json.dumps({"event": "shutdown", "signal": signum}))
         stopping.set()
 
+    def reload(reason: str) -> None:
+        if not running.ready.is_set():
+            return
+        try:
+            running.service.load()
+        except Exception as exc:  # noqa: BLE001  (keep serving the loaded version)
+            log.error(json.dumps({"event": "reload_failed", "reason": reason, "error": str(exc)}))
+
+    def watch() -> None:
+        while not stopping.wait(config.watch_s):
+            reload("watch")
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=reload, args=("SIGHUP",), daemon=True).start())
+    if config.watch_s > 0:
+        threading.Thread(target=watch, name="cbmir-watch", daemon=True).start()
     stopping.wait()
     running.stop()

@@ -50,6 +50,11 @@ class RetrievalStub:
                 request_serializer=cbmir_dot_v1_dot_retrieval__pb2.GetIndexInfoRequest.SerializeToString,
                 response_deserializer=cbmir_dot_v1_dot_retrieval__pb2.IndexInfo.FromString,
                 _registered_method=True)
+        self.Reload = channel.unary_unary(
+                '/cbmir.v1.Retrieval/Reload',
+                request_serializer=cbmir_dot_v1_dot_retrieval__pb2.ReloadRequest.SerializeToString,
+                response_deserializer=cbmir_dot_v1_dot_retrieval__pb2.ReloadResponse.FromString,
+                _registered_method=True)
 
 
 class RetrievalServicer:
@@ -79,6 +84,14 @@ class RetrievalServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Reload(self, request, context):
+        """Loads the bundle's live version (after `cbmir add` / `cbmir remove`) and swaps it in atomically: requests
+        in flight finish on the version they started with; none fails. Needs an admin token when tokens are set.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RetrievalServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -96,6 +109,11 @@ def add_RetrievalServicer_to_server(servicer, server):
                     servicer.GetIndexInfo,
                     request_deserializer=cbmir_dot_v1_dot_retrieval__pb2.GetIndexInfoRequest.FromString,
                     response_serializer=cbmir_dot_v1_dot_retrieval__pb2.IndexInfo.SerializeToString,
+            ),
+            'Reload': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reload,
+                    request_deserializer=cbmir_dot_v1_dot_retrieval__pb2.ReloadRequest.FromString,
+                    response_serializer=cbmir_dot_v1_dot_retrieval__pb2.ReloadResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -180,6 +198,33 @@ class Retrieval:
             '/cbmir.v1.Retrieval/GetIndexInfo',
             cbmir_dot_v1_dot_retrieval__pb2.GetIndexInfoRequest.SerializeToString,
             cbmir_dot_v1_dot_retrieval__pb2.IndexInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cbmir.v1.Retrieval/Reload',
+            cbmir_dot_v1_dot_retrieval__pb2.ReloadRequest.SerializeToString,
+            cbmir_dot_v1_dot_retrieval__pb2.ReloadResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -42,6 +42,10 @@ class RetrievalStub:
     """
     GetIndexInfo: _grpc.UnaryUnaryMultiCallable[_retrieval_pb2.GetIndexInfoRequest, _retrieval_pb2.IndexInfo]
     """Summary of the loaded bundle: size, methods, dimensions, metrics, build configuration, version."""
+    Reload: _grpc.UnaryUnaryMultiCallable[_retrieval_pb2.ReloadRequest, _retrieval_pb2.ReloadResponse]
+    """Loads the bundle's live version (after `cbmir add` / `cbmir remove`) and swaps it in atomically: requests
+    in flight finish on the version they started with; none fails. Needs an admin token when tokens are set.
+    """
 
 @_typing.type_check_only
 class RetrievalAsyncStub(RetrievalStub):
@@ -57,6 +61,10 @@ class RetrievalAsyncStub(RetrievalStub):
     """
     GetIndexInfo: _aio.UnaryUnaryMultiCallable[_retrieval_pb2.GetIndexInfoRequest, _retrieval_pb2.IndexInfo]  # type: ignore[assignment]
     """Summary of the loaded bundle: size, methods, dimensions, metrics, build configuration, version."""
+    Reload: _aio.UnaryUnaryMultiCallable[_retrieval_pb2.ReloadRequest, _retrieval_pb2.ReloadResponse]  # type: ignore[assignment]
+    """Loads the bundle's live version (after `cbmir add` / `cbmir remove`) and swaps it in atomically: requests
+    in flight finish on the version they started with; none fails. Needs an admin token when tokens are set.
+    """
 
 class RetrievalServicer(metaclass=_abc_1.ABCMeta):
     """Content-based retrieval over one index bundle."""
@@ -87,5 +95,15 @@ class RetrievalServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_retrieval_pb2.IndexInfo, _abc.Awaitable[_retrieval_pb2.IndexInfo]]:
         """Summary of the loaded bundle: size, methods, dimensions, metrics, build configuration, version."""
+
+    @_abc_1.abstractmethod
+    def Reload(
+        self,
+        request: _retrieval_pb2.ReloadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_retrieval_pb2.ReloadResponse, _abc.Awaitable[_retrieval_pb2.ReloadResponse]]:
+        """Loads the bundle's live version (after `cbmir add` / `cbmir remove`) and swaps it in atomically: requests
+        in flight finish on the version they started with; none fails. Needs an admin token when tokens are set.
+        """
 
 def add_RetrievalServicer_to_server(servicer: RetrievalServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
