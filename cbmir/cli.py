@@ -288,6 +288,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         search_threads=args.search_threads,
         micro_batch=args.micro_batch,
         watch_s=args.watch,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        tokens_file=args.tokens,
     )
     serve_forever(config)
     return 0
@@ -296,7 +300,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_query(args: argparse.Namespace) -> int:
     from cbmir.client import RetrievalClient, format_hits
 
-    with RetrievalClient(args.target, timeout=args.timeout) as client:
+    token = os.environ.get("CBMIR_TOKEN") or None
+    with RetrievalClient(args.target, timeout=args.timeout, token=token, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
+                         tls_key=args.tls_key) as client:
         hits = client.search_image(
             Path(args.image).read_bytes(),
             k=args.k,
@@ -417,6 +423,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most query images described together across concurrent requests (0: off)")
     s.add_argument("--watch", type=float, default=0.0, metavar="SECONDS",
                    help="check for a new bundle version this often and swap it in (also: SIGHUP, Reload RPC)")
+    s.add_argument("--tls-cert", help="PEM server certificate (turns on TLS, with --tls-key)")
+    s.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    s.add_argument("--tls-client-ca", help="PEM CA: require client certificates it signed (mutual TLS)")
+    s.add_argument("--tokens", help="file of 'ROLE TOKEN' lines (roles: search, admin); health stays open")
     s.set_defaults(func=cmd_serve)
 
     q = sub.add_parser("query", help="send an image to a running server and print the hits")
@@ -429,9 +439,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--filter", action="append", metavar="FIELD=VALUE")
     q.add_argument("--predict-class", action="store_true",
                    help="fine-tuned methods: search only the class the model predicts (whole archive when unsure)")
+    q.add_argument("--tls-ca", help="PEM CA of the server certificate (turns on TLS)")
+    q.add_argument("--tls-cert", help="client certificate for mutual TLS")
+    q.add_argument("--tls-key", help="client key for mutual TLS")
     q.add_argument("--timeout", type=float, default=30.0)
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_query)
+    q.epilog = "The bearer token, when the server needs one, is read from the CBMIR_TOKEN environment variable."
 
     d = sub.add_parser("demo", help="index the DICOM files of pydicom-data, serve them and query (offline)")
     d.add_argument("--out", default=os.path.join("bundles", "demo"))

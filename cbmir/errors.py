@@ -27,3 +27,11 @@ class NotReadyError(CbmirError):
 
 class OverloadedError(CbmirError):
     """Too many requests in flight; the caller should retry with back-off."""
+
+
+class UnauthenticatedError(CbmirError):
+    """The request carries no valid bearer token."""
+
+
+class PermissionDeniedError(CbmirError):
+    """The token is valid but its role may not call this method."""

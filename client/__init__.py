@@ -76,20 +76,31 @@ class RetrievalClient:
         target: ``host:port``.
         timeout: per-call deadline in seconds.
         max_message_mb: largest message sent or received.
+        token: bearer token sent with every call (servers started with a tokens file).
+        tls_ca: PEM file of the CA that signed the server certificate; turns on TLS.
+        tls_cert, tls_key: this client's PEM certificate and key, for servers that require mutual TLS.
     """
 
     def __init__(self, target: str, timeout: float = 30.0, max_message_mb: int = 64,
-                 channel: grpc.Channel | None = None) -> None:
+                 channel: grpc.Channel | None = None, *, token: str | None = None, tls_ca: str | None = None,
+                 tls_cert: str | None = None, tls_key: str | None = None) -> None:
         size = max_message_mb * 1024 * 1024
-        self.channel = channel or grpc.insecure_channel(
-            target, options=[("grpc.max_send_message_length", size), ("grpc.max_receive_message_length", size)]
-        )
+        options = [("grpc.max_send_message_length", size), ("grpc.max_receive_message_length", size)]
+        if channel is None and tls_ca:
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=open(tls_ca, "rb").read(),
+                private_key=open(tls_key, "rb").read() if tls_key else None,
+                certificate_chain=open(tls_cert, "rb").read() if tls_cert else None,
+            )
+            channel = grpc.secure_channel(target, creds, options=options)
+        self.channel = channel or grpc.insecure_channel(target, options=options)
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else None
         self.timeout = timeout
         self.stub = pb_grpc.RetrievalStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
 
     def search(self, request: pb.SearchRequest) -> list[Hit]:
-        return [Hit.from_proto(h) for h in self.stub.Search(request, timeout=self.timeout)]
+        return [Hit.from_proto(h) for h in self.stub.Search(request, timeout=self.timeout, metadata=self.metadata)]
 
     def search_image(self, image: bytes, **kwargs: Any) -> list[Hit]:
         """Hits for an encoded PNG, JPEG or DICOM file."""
@@ -107,16 +118,16 @@ class RetrievalClient:
     def search_batch(self, requests: Sequence[pb.SearchRequest]) -> list[list[Hit]]:
         """Hits per request, in request order."""
         out: list[list[Hit]] = [[] for _ in requests]
-        for result in self.stub.SearchBatch(pb.SearchBatchRequest(queries=list(requests)), timeout=self.timeout):
+        for result in self.stub.SearchBatch(pb.SearchBatchRequest(queries=list(requests)), timeout=self.timeout, metadata=self.metadata):
             out[result.query_index] = [Hit.from_proto(h) for h in result.hits]
         return out
 
     def index_info(self) -> pb.IndexInfo:
-        return self.stub.GetIndexInfo(pb.GetIndexInfoRequest(), timeout=self.timeout)
+        return self.stub.GetIndexInfo(pb.GetIndexInfoRequest(), timeout=self.timeout, metadata=self.metadata)
 
     def reload(self) -> pb.ReloadResponse:
         """Ask the server to swap in the bundle's live version (admin token needed when tokens are set)."""
-        return self.stub.Reload(pb.ReloadRequest(), timeout=self.timeout)
+        return self.stub.Reload(pb.ReloadRequest(), timeout=self.timeout, metadata=self.metadata)
 
     def health(self, service: str = "") -> str:
         """``SERVING``, ``NOT_SERVING`` or ``UNKNOWN``."""

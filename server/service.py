@@ -25,6 +25,7 @@ from cbmir.timing import add_stages, recording, stage
 from cbmir.v1 import retrieval_pb2 as pb
 from cbmir.v1 import retrieval_pb2_grpc as pb_grpc
 
+from .auth import TokenAuthInterceptor, read_tokens
 from .batching import MicroBatcher
 from .search_engine import SearchEngine
 from .status import ErrorMappingInterceptor, status_for
@@ -44,6 +45,10 @@ class ServerConfig:
     is the most query images one batched description takes across concurrent requests (0: describe each request
     on its own thread). ``watch_s`` > 0 checks the bundle's live version that often and swaps a new one in (as
     the ``Reload`` RPC and SIGHUP do).
+
+    Security: ``tls_cert``/``tls_key`` (PEM) turn on TLS; ``tls_client_ca`` also requires client certificates signed
+    by that CA (mutual TLS); ``tokens_file`` requires a bearer token on every call but health checks (see
+    :mod:`cbmir.server.auth`).
     """
 
     index: str
@@ -63,6 +68,10 @@ class ServerConfig:
     search_threads: int = 1
     micro_batch: int = 32
     watch_s: float = 0.0
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    tokens_file: str | None = None
 
     @property
     def concurrency(self) -> int:
@@ -477,6 +486,29 @@ class RunningServer:
             batcher.close()
 
 
+def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials from PEM files (mutual TLS when a client CA is given); None for plaintext."""
+    if not config.tls_cert and not config.tls_key:
+        if config.tls_client_ca:
+            raise InvalidInputError("--tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    if not (config.tls_cert and config.tls_key):
+        raise InvalidInputError("TLS needs both --tls-cert and --tls-key")
+
+    def read(path: str, what: str) -> bytes:
+        try:
+            return open(path, "rb").read()
+        except OSError as exc:
+            raise InvalidInputError(f"cannot read {what} {path}: {exc}") from exc
+
+    client_ca = read(config.tls_client_ca, "client CA") if config.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(read(config.tls_key, "TLS key"), read(config.tls_cert, "TLS certificate"))],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
 def start_server(config: ServerConfig, *, wait_ready: bool = False) -> RunningServer:
     """Bind, start serving (health NOT_SERVING), then load and warm the bundle in the background."""
     service = RetrievalService(config)
@@ -486,9 +518,15 @@ def start_server(config: ServerConfig, *, wait_ready: bool = False) -> RunningSe
 
         faiss.omp_set_num_threads(config.search_threads)  # OpenMP's thread count is per calling thread
 
+    interceptors: list[grpc.ServerInterceptor] = [ErrorMappingInterceptor()]
+    if config.tokens_file:
+        interceptors.append(TokenAuthInterceptor(read_tokens(config.tokens_file)))
+        if not config.tls_cert and config.host not in ("127.0.0.1", "localhost", "::1"):
+            log.warning("bearer tokens without TLS travel in clear text; pass --tls-cert/--tls-key")
+    credentials = _server_credentials(config)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="cbmir-rpc", initializer=init_worker),
-        interceptors=[ErrorMappingInterceptor()],
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", message_bytes),
             ("grpc.max_send_message_length", message_bytes),
@@ -504,7 +542,8 @@ def start_server(config: ServerConfig, *, wait_ready: bool = False) -> RunningSe
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    address = f"{config.host}:{config.port}"
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot bind {config.host}:{config.port}")
     server.start()

@@ -8,7 +8,15 @@ from typing import Any
 
 import grpc
 
-from cbmir.errors import BundleError, InvalidInputError, NotFoundError, NotReadyError, OverloadedError
+from cbmir.errors import (
+    BundleError,
+    InvalidInputError,
+    NotFoundError,
+    NotReadyError,
+    OverloadedError,
+    PermissionDeniedError,
+    UnauthenticatedError,
+)
 
 log = logging.getLogger("cbmir.server")
 
@@ -18,6 +26,8 @@ STATUS_OF: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (NotReadyError, grpc.StatusCode.FAILED_PRECONDITION),
     (BundleError, grpc.StatusCode.FAILED_PRECONDITION),
+    (UnauthenticatedError, grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
 ]
 
 
@@ -29,7 +39,7 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); the server log has details"
 
 
-def _abort(context: grpc.ServicerContext, exc: Exception) -> None:
+def abort_with(context: grpc.ServicerContext, exc: Exception) -> None:
     code, message = status_for(exc)
     if code == grpc.StatusCode.INTERNAL:
         log.exception("unexpected error in handler")
@@ -55,7 +65,7 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):
                 except Exception as exc:  # noqa: BLE001  (mapped, never swallowed)
                     if _is_abort(exc):
                         raise
-                    _abort(context, exc)
+                    abort_with(context, exc)
 
             return handler._replace(unary_unary=unary_unary)
         if handler.unary_stream is not None:
@@ -67,7 +77,7 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):
                 except Exception as exc:  # noqa: BLE001
                     if _is_abort(exc):
                         raise
-                    _abort(context, exc)
+                    abort_with(context, exc)
 
             return handler._replace(unary_stream=unary_stream)
         return handler
