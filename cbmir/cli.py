@@ -348,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     b.add_argument("--select", action="append", metavar="FIELD=VALUE", help="index only matching images")
     b.add_argument("--no-progress", action="store_true")
+    b.add_argument("--dicom-window", action="append", metavar="MODALITY=CENTRE,WIDTH",
+                   help="VOI window for DICOM files without one, e.g. CT=40,400 (recorded in the bundle)")
     b.set_defaults(func=cmd_build)
 
     a = sub.add_parser("add", help="index more images into a bundle as a new version (nothing re-extracted)")
@@ -378,6 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_flags(t)
     t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     t.add_argument("--out", required=True, help="checkpoint file to write")
+    t.add_argument("--dicom-window", action="append", metavar="MODALITY=CENTRE,WIDTH",
+                   help="VOI window for DICOM files without one, e.g. CT=40,400 (recorded in the bundle)")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=cmd_train)
 
@@ -400,6 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--max-images", type=int, default=0, help="class-balanced subsample of this many images")
     cv.add_argument("--label-field", default="label", help="class column the fine-tuning learns")
     cv.add_argument("--group-field", help="patient column: folds and exclusions never split a group")
+    cv.add_argument("--dicom-window", action="append", metavar="MODALITY=CENTRE,WIDTH",
+                   help="VOI window for DICOM files without one, e.g. CT=40,400 (recorded in the bundle)")
     cv.add_argument("--pretrained-image-size", type=int, default=224, help="input side of the pretrained cnn")
     _add_train_flags(cv)
     e.set_defaults(func=cmd_eval)
@@ -456,6 +462,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "dicom_window", None):
+        from cbmir.extractors.imaging import parse_windows, set_default_windows
+
+        try:
+            set_default_windows(parse_windows(args.dicom_window))
+        except CbmirError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )

@@ -20,13 +20,43 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+# cbmir enforces its own pixel limit (max_pixels) right after reading the header; PIL's warning would only be noise.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
 from cbmir.errors import InvalidInputError
 
 DEFAULT_MAX_PIXELS = 64_000_000
 """Largest decoded image (width x height) accepted; guards against decompression bombs."""
 
+DEFAULT_WINDOWS: dict[str, tuple[float, float]] = {}
+"""Modality -> (window centre, window width) applied to DICOM files that carry no VOI window of their own, in
+modality-LUT units (e.g. ``{"CT": (40, 400)}`` for a soft-tissue CT window). Empty: such files are min-max
+stretched. Set with :func:`set_default_windows` (``--dicom-window CT=40,400`` on the command line)."""
+
 DICOM_HEADER_FIELDS = ("Modality", "BodyPartExamined", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 PATIENT_ID_SALT = b"cbmir-patient-v1"
+
+
+def set_default_windows(windows: dict[str, tuple[float, float]]) -> None:
+    """Replace the process-wide default VOI windows per modality (see :data:`DEFAULT_WINDOWS`)."""
+    for modality, (_, width) in windows.items():
+        if width <= 0:
+            raise InvalidInputError(f"window width for {modality} must be positive, got {width}")
+    DEFAULT_WINDOWS.clear()
+    DEFAULT_WINDOWS.update({k.upper(): (float(c), float(w)) for k, (c, w) in windows.items()})
+
+
+def parse_windows(items: Sequence[str] | None) -> dict[str, tuple[float, float]]:
+    """``["CT=40,400", "MR=300,600"]`` -> ``{"CT": (40.0, 400.0), "MR": (300.0, 600.0)}``."""
+    out: dict[str, tuple[float, float]] = {}
+    for item in items or []:
+        try:
+            modality, values = item.split("=", 1)
+            centre, width = (float(v) for v in values.split(","))
+        except ValueError as exc:
+            raise InvalidInputError(f"--dicom-window {item!r}: use MODALITY=CENTRE,WIDTH, e.g. CT=40,400") from exc
+        out[modality.strip().upper()] = (centre, width)
+    return out
 
 
 def is_dicom(data: bytes) -> bool:
@@ -104,9 +134,11 @@ def decode_dicom(
 ) -> tuple[np.ndarray, dict[str, str]]:
     """Decode a DICOM file (bytes or path) to a windowed 2-D image in [0, 1] and its header metadata.
 
-    The modality LUT and the VOI window (or VOI LUT) from the file are applied; without a window the image is
-    min-max stretched. MONOCHROME1 is inverted so bone is bright. Colour images (pydicom returns YBR data as
-    RGB) and palette images become luminance. Multi-frame images use their middle frame.
+    The modality LUT and the VOI window (or VOI LUT) from the file are applied; without one, the default window of
+    the file's modality (:data:`DEFAULT_WINDOWS`) if set, else a min-max stretch. MONOCHROME1 is inverted so bone is
+    bright. Colour images (pydicom returns YBR data as RGB) and palette images become luminance. Multi-frame images
+    are indexed by their middle frame: one record per file keeps ids, hashes and metadata one-to-one with files, and
+    the middle frame of a cine or multi-phase series is the most representative single view.
     """
     pydicom = _pydicom()
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
@@ -128,9 +160,15 @@ def decode_dicom(
             pixels = apply_color_lut(pixels, ds)
         if pixels.ndim == 2:
             pixels = apply_modality_lut(pixels, ds)
+            default = DEFAULT_WINDOWS.get(str(ds.get("Modality", "")).upper())
             if "WindowCenter" in ds or "VOILUTSequence" in ds:
                 pixels = apply_voi_lut(pixels, ds, index=0)
-            image = to_unit_gray(pixels.astype(np.float32))
+                image = to_unit_gray(pixels.astype(np.float32))
+            elif default is not None:
+                centre, width = default
+                image = np.clip((pixels.astype(np.float32) - (centre - width / 2)) / width, 0.0, 1.0)
+            else:
+                image = to_unit_gray(pixels.astype(np.float32))
             if photometric == "MONOCHROME1":
                 image = 1.0 - image
         else:

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from cbmir.checksums import sha256_pixels
 from cbmir.errors import InvalidInputError
 from cbmir.extractors import Extractor, create_extractor, resolve_device
+from cbmir.extractors.imaging import DEFAULT_WINDOWS
 
 from .archive import Archive, ImageRecord
 from .bundle import RECORDS, BundleWriter, update_lock
@@ -246,6 +247,7 @@ def build_bundle(
                 "host": platform.node(),
                 "platform": platform.platform(),
                 "processor": cpu_model(),
+                "dicom_windows": {k: list(v) for k, v in DEFAULT_WINDOWS.items()},
                 "torch": torch.__version__,
                 "timings_s": {k: round(v, 3) for k, v in timings.items()},
             },

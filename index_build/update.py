@@ -22,6 +22,7 @@ import numpy as np
 from cbmir.checksums import sha256_pixels
 from cbmir.errors import InvalidInputError, NotFoundError
 from cbmir.extractors import Extractor, extractor_class
+from cbmir.extractors.imaging import set_default_windows
 
 from .archive import Archive, ImageRecord
 from .build import extract_archive, records_columns
@@ -91,6 +92,12 @@ def _publish(
         return writer.commit(manifest)
 
 
+def use_bundle_windows(bundle: Bundle) -> None:
+    """Decode DICOM files with the default windows the bundle was built with, so new rows match old ones."""
+    windows = bundle.manifest.get("build", {}).get("dicom_windows") or {}
+    set_default_windows({k: (float(c), float(w)) for k, (c, w) in windows.items()})
+
+
 def add_to_bundle(
     root: str | os.PathLike[str],
     archive: Archive,
@@ -112,6 +119,7 @@ def add_to_bundle(
         raise InvalidInputError(f"archive {archive.source} holds no images")
     with update_lock(root):
         bundle = load_bundle(root)
+        use_bundle_windows(bundle)
         extractors: dict[str, Extractor] = {
             name: extractor_class(m.extractor).restore(m.config, m.state, device=device)
             for name, m in bundle.methods.items()

@@ -1,0 +1,138 @@
+"""Property-based fuzzing of a live server: thousands of malformed requests and images must each get a proper
+status (never INTERNAL/UNKNOWN, never a hang), and valid requests must be answered exactly as before."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from cbmir.client import build_request
+from cbmir.server.service import ServerConfig, start_server
+from cbmir.v1 import retrieval_pb2 as pb
+from cbmir.v1 import retrieval_pb2_grpc as pb_grpc
+
+PROPER = {
+    grpc.StatusCode.OK,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+FUZZ = settings(max_examples=1500, deadline=None, derandomize=True, database=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+def png_bytes(width: int, height: int, payload: bytes = b"") -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` (valid CRCs) with whatever pixel data follows."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(payload)) + chunk(b"IEND", b"")
+
+
+def real_png(seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray((rng.random((48, 40)) * 255).astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def fuzz_target(small_bundle: Path):
+    running = start_server(ServerConfig(index=str(small_bundle), port=0, device="cpu", max_message_mb=2,
+                                        max_pixels=4_000_000, workers=4, default_method="hog"), wait_ready=True)
+    channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
+    stub = pb_grpc.RetrievalStub(channel)
+    baseline = _valid_answer(stub)
+    yield running, stub, baseline
+    assert _valid_answer(stub) == baseline, "valid requests answer differently after fuzzing"
+    assert "INTERNAL" not in running.service.stats.errors and "UNKNOWN" not in running.service.stats.errors
+    channel.close()
+    running.stop(0)
+
+
+def _valid_answer(stub) -> list[tuple[str, float]]:
+    hits = list(stub.Search(build_request(image=real_png(0), k=5, method="hog"), timeout=30))
+    return [(h.id, round(h.distance, 5)) for h in hits]
+
+
+def _status(call) -> grpc.StatusCode:
+    try:
+        call()
+    except grpc.RpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
+def _search(stub, request: pb.SearchRequest) -> grpc.StatusCode:
+    return _status(lambda: list(stub.Search(request, timeout=20)))
+
+
+corrupt_images = st.one_of(
+    st.binary(max_size=2048),
+    st.integers(0, 2000).map(lambda n: real_png(1)[:n]),
+    st.tuples(st.integers(0, 2**31 - 1), st.integers(0, 2**31 - 1), st.binary(max_size=64)).map(
+        lambda t: png_bytes(*t)),
+    st.binary(max_size=512).map(lambda b: b"\x00" * 128 + b"DICM" + b),
+    st.binary(max_size=256).map(lambda b: b"\xff\xd8\xff\xe0" + b),
+    st.tuples(st.integers(0, 3000), st.binary(min_size=1, max_size=8)).map(
+        lambda t: real_png(2)[: t[0]] + t[1] + real_png(2)[t[0] + len(t[1]):]),
+)
+
+
+@FUZZ
+@given(image=corrupt_images, method=st.sampled_from(["hog", "cnn", "bovw", ""]))
+def test_corrupt_images_get_proper_statuses(fuzz_target, image: bytes, method: str) -> None:
+    _, stub, _ = fuzz_target
+    assert _search(stub, build_request(image=image, k=3, method=method)) in PROPER
+
+
+finite_or_not = st.floats(allow_nan=True, allow_infinity=True, width=32)
+pixel_arrays = st.builds(
+    pb.PixelArray,
+    width=st.integers(0, 2**32 - 1),
+    height=st.integers(0, 2**32 - 1),
+    dtype=st.sampled_from(["uint8", "uint16", "float32", "int64", "", "float64", "uint8 "]),
+    data=st.binary(max_size=4096),
+)
+requests = st.builds(
+    pb.SearchRequest,
+    k=st.integers(0, 2**32 - 1),
+    method=st.sampled_from(["", "hog", "cnn", "bovw", "nope", "cnn+hog", "\x00"]),
+    rerank=st.sampled_from(["", "hog", "cnn", "bovw", "missing"]),
+    k_prep=st.integers(0, 2**32 - 1),
+    filters=st.lists(st.builds(pb.MetadataFilter, field=st.sampled_from(["label", "patient_id", "", "x"]),
+                               values=st.lists(st.text(max_size=8), max_size=3)), max_size=3),
+    exclude_ids=st.lists(st.text(max_size=20), max_size=5),
+    include_self=st.booleans(),
+    predict_class=st.booleans(),
+    min_class_confidence=finite_or_not,
+)
+
+
+@FUZZ
+@given(request=requests, query=st.one_of(
+    st.builds(lambda v: {"vector": pb.Vector(values=v)}, st.lists(finite_or_not, max_size=300)),
+    st.builds(lambda p: {"pixels": p}, pixel_arrays),
+    st.builds(lambda s: {"archive_id": s}, st.one_of(st.text(max_size=30), st.just("images/00000.png"))),
+    st.just({}),
+))
+def test_malformed_requests_get_proper_statuses(fuzz_target, request: pb.SearchRequest, query: dict) -> None:
+    _, stub, _ = fuzz_target
+    for field, value in query.items():
+        if isinstance(value, str):
+            setattr(request, field, value)
+        else:
+            getattr(request, field).CopyFrom(value)
+    assert _search(stub, request) in PROPER
+    batch = pb.SearchBatchRequest(queries=[request, request])
+    assert _status(lambda: list(stub.SearchBatch(batch, timeout=20))) in PROPER
