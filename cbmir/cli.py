@@ -280,6 +280,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         max_k=args.max_k,
+        max_k_prep=args.max_k_prep,
+        max_batch=args.max_batch,
+        max_pixels=args.max_pixels,
         workers=args.workers,
         max_concurrent=args.max_concurrent,
         max_message_mb=args.max_message_mb,
@@ -418,7 +421,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--index", required=True)
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=50051)
-    s.add_argument("--max-k", type=int, default=100)
+    s.add_argument("--max-k", type=int, default=100, help="most hits per query")
+    s.add_argument("--max-k-prep", type=int, default=1000, help="most candidates re-ranked per query")
+    s.add_argument("--max-batch", type=int, default=64, help="most queries in one SearchBatch")
+    s.add_argument("--max-pixels", type=int, default=64_000_000,
+                   help="largest decoded query image (width x height), checked before decoding")
     s.add_argument("--workers", type=int, default=8, help="request threads")
     s.add_argument("--max-concurrent", type=int, default=0, help="searches in flight (default: 2 x workers)")
     s.add_argument("--max-message-mb", type=int, default=64, help="largest request accepted")
