@@ -33,7 +33,7 @@ from cbmir.index_build.bundle import Bundle, MethodIndex, flat_index
 from cbmir.index_build.index_types import build_index
 from cbmir.server.search_engine import SearchEngine
 from cbmir.training import TrainConfig, group_kfold, save_checkpoint, train_extractor
-from cbmir.training.dataset import LabelledImages
+from cbmir.training.dataset import LabelledImages, balanced_subsample
 
 from .retrieval_quality import K, parse_method, score_rankings
 
@@ -94,6 +94,7 @@ def cross_validate(
     hashing_k_factor: int = 10,
     min_confidence: float = 0.5,
     k_prep: int = 10,
+    train_max_images: int = 0,
     device: str = "auto",
     progress: bool = True,
     keep_rankings: bool = False,
@@ -101,6 +102,8 @@ def cross_validate(
     """Run the protocol; returns the JSON-ready document (per-method scores, per-fold training, timings).
 
     With ``keep_rankings`` the document also holds ``rankings``: method -> (N, K) archive rows per query.
+    ``train_max_images`` > 0 fine-tunes each fold on a class-balanced subsample of its training images (large
+    archives on a CPU).
     """
     train_config = train_config or TrainConfig(device=device)
     labels = data.column(label_field)
@@ -139,6 +142,8 @@ def cross_validate(
     for fold in range(folds):
         test = np.flatnonzero(fold_of == fold)
         train = np.flatnonzero(fold_of != fold)
+        if train_max_images:
+            train = train[balanced_subsample([labels[i] for i in train], train_max_images, seed=seed + fold)]
         learned: dict[str, MethodIndex] = {}
         info: dict[str, Any] = {"fold": fold, "queries": int(len(test)), "train_images": int(len(train))}
         ft: CNNExtractor | None = None
@@ -227,6 +232,7 @@ def cross_validate(
             "seed": seed,
             "k": K,
             "k_prep": k_prep,
+            "train_max_images": train_max_images,
             "pretrained_image_size": pretrained_image_size,
             "multiscale": {"stages": list(multiscale_stages), "pca_dim": multiscale_dim},
             "hashing": {"bits": hashing_bits, "k_factor": hashing_k_factor},

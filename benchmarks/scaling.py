@@ -23,9 +23,9 @@ from cbmir.index_build.index_types import apply_search_params, build_index
 
 from .common import environment, write_result
 
-INDEX_TYPES = ("flat", "ivf", "hnsw", "sq8", "ivfpq")
+INDEX_TYPES = ("flat", "ivf", "hnsw", "sq8", "ivfpq", "itq")
 SWEEP = {"ivf": ("nprobe", (16, 64, 256)), "ivfpq": ("nprobe", (16, 64, 256)),
-         "hnsw": ("efSearch", (64, 256, 1024))}
+         "hnsw": ("efSearch", (64, 256, 1024)), "itq": ("k_factor", (10, 50, 200))}
 """Search-time settings tried on each built index (no rebuild needed)."""
 
 

@@ -207,6 +207,7 @@ def cmd_cross_validate(args: argparse.Namespace) -> int:
         train_config=_train_config(args),
         pretrained_image_size=args.pretrained_image_size,
         k_prep=args.k_prep,
+        train_max_images=args.train_max_images,
         device=args.device,
         progress=not args.no_progress,
     )
@@ -409,6 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--group-field", help="patient column: folds and exclusions never split a group")
     cv.add_argument("--dicom-window", action="append", metavar="MODALITY=CENTRE,WIDTH",
                    help="VOI window for DICOM files without one, e.g. CT=40,400 (recorded in the bundle)")
+    cv.add_argument("--train-max-images", type=int, default=0,
+                    help="fine-tune each fold on a class-balanced subsample of this many training images")
     cv.add_argument("--pretrained-image-size", type=int, default=224, help="input side of the pretrained cnn")
     _add_train_flags(cv)
     e.set_defaults(func=cmd_eval)

@@ -375,35 +375,25 @@ class RetrievalService(pb_grpc.RetrievalServicer):
             groups.setdefault(key, []).append(i)
         for members in groups.values():
             first = plans[members[0]]
+            common: dict[str, Any] = {
+                "allowed": first.allowed,
+                "exclude": [plans[i].exclude for i in members],
+                "rerank": first.rerank,
+                "rerank_queries": None if first.rerank is None else np.concatenate(
+                    [plans[i].rerank_vector for i in members]),
+                "k_prep": first.k_prep,
+            }
+            queries = np.concatenate([plans[i].vector for i in members])
             if first.min_class_confidence is not None:
                 result, predicted = engine.search_predicted_class(
-                    first.method,
-                    np.concatenate([plans[i].vector for i in members]),
-                    np.concatenate([plans[i].probabilities for i in members]),
-                    first.k,
-                    min_confidence=first.min_class_confidence,
-                    allowed=first.allowed,
-                    exclude=[plans[i].exclude for i in members],
-                    rerank=first.rerank,
-                    rerank_queries=None if first.rerank is None else np.concatenate(
-                        [plans[i].rerank_vector for i in members]),
-                    k_prep=first.k_prep,
+                    first.method, queries, np.concatenate([plans[i].probabilities for i in members]), first.k,
+                    min_confidence=first.min_class_confidence, **common,
                 )
                 classes = engine.extractor(first.method).classes or []
                 for j, i in enumerate(members):
                     plans[i].predicted_class = classes[predicted[j]] if predicted[j] >= 0 else ""
             else:
-                result = engine.search(
-                    first.method,
-                    np.concatenate([plans[i].vector for i in members]),
-                    first.k,
-                    allowed=first.allowed,
-                    exclude=[plans[i].exclude for i in members],
-                    rerank=first.rerank,
-                    rerank_queries=None if first.rerank is None else np.concatenate(
-                        [plans[i].rerank_vector for i in members]),
-                    k_prep=first.k_prep,
-                )
+                result = engine.search(first.method, queries, first.k, **common)
             for j, i in enumerate(members):
                 rows[i], dists[i] = result.rows[j], result.distances[j]
             self.stats.add("searches", len(members))
