@@ -4,7 +4,8 @@ SHARED ?= ../shared/data
 BUNDLES ?= bundles
 RESULTS ?= docs/results
 
-.PHONY: setup demo test proto eval eval-mednist eval-unifesp bench bench-bundle report clean
+.PHONY: setup demo test proto eval eval-mednist eval-unifesp eval-cv eval-cv-unifesp eval-cv-mednist bench bench-bundle \
+	soak report clean
 
 setup:
 	$(PYTHON) -m pip install -q -e '.[dev]'
@@ -33,6 +34,22 @@ eval-unifesp:
 	cbmir eval --index $(BUNDLES)/unifesp --methods cnn,hog,bovw,cnn+hog --k-prep 10 \
 		--relevance label --exclude-same patient_id --json $(RESULTS)/unifesp.json --no-progress
 
+# Group k-fold cross-validation with fine-tuning per fold (cbmir train inside): UNIFESP about 40 min, MedNIST
+# about 20 min on a 2-core CPU.
+eval-cv: eval-cv-unifesp eval-cv-mednist
+
+eval-cv-unifesp:
+	cbmir eval --cv-folds 5 --images $(SHARED)/unifesp_bodypart --select single_label=1 --label-field label \
+		--group-field patient_id --epochs 8 --patience 3 --image-size 160 --pretrained-image-size 224 \
+		--methods cnn,hog,bovw,cnn+hog,finetuned,finetuned+hog,multiscale,hashing,classpred \
+		--json $(RESULTS)/unifesp-cv.json --no-progress
+
+eval-cv-mednist:
+	cbmir eval --cv-folds 3 --images $(SHARED)/mednist/mednist_58954_jpeg.zip --label-field label \
+		--train-max-images 3000 --epochs 3 --image-size 64 --pretrained-image-size 64 \
+		--methods cnn,hog,cnn+hog,finetuned,multiscale,hashing,classpred --relevance body_region,modality,label \
+		--json $(RESULTS)/mednist-cv.json --no-progress
+
 # The latency/scaling bundle: MedNIST with the service's fast CNN configuration (native 64 px, PCA to 128 dims)
 # and HOG; `cbmir eval` on it gives the accuracy reported beside its speed.
 bench-bundle:
@@ -48,6 +65,10 @@ bench:
 	$(PYTHON) -m cbmir.benchmarks.scaling --index $(BUNDLES)/mednist-fast
 	$(PYTHON) -m cbmir.benchmarks.plots
 	$(PYTHON) -m cbmir.benchmarks.report --bench > benchmarks/results/SUMMARY.md
+
+# A bounded soak of a cbmir serve process (needs $(BUNDLES)/mednist-fast): throughput, p99, errors, memory.
+soak:
+	$(PYTHON) -m cbmir.benchmarks.soak --index $(BUNDLES)/mednist-fast --clients 8 --requests 4000
 
 report:
 	$(PYTHON) -m cbmir.benchmarks.report > docs/RESULTS.md

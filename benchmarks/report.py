@@ -57,7 +57,7 @@ def build_table(cfg: dict) -> str:
              f"{build.get('torch_threads', '?')} torch threads, batch {build.get('batch_size', '?')}):", "",
              "| extractor | configuration | dims | metric | extract s | fit s | images/s |", "|---|---|---|---|---|---|---|"]
     for name, m in manifest_methods.items():
-        shown = {k: v for k, v in m["config"].items() if k != "weights_sha256"}
+        shown = {k: v for k, v in m["config"].items() if k not in ("weights_sha256", "training", "classes")}
         lines.append(f"| {name} | `{json.dumps(shown)}` | {m['dim']} | {m['metric']} | {m.get('extract_s', '')} "
                      f"| {m.get('fit_s', '')} | {m.get('images_per_s', '')} |")
     timings = build.get("timings_s", {})
@@ -103,6 +103,36 @@ def bench_summary() -> str:
     return "\n".join(out) + "\n"
 
 
+CV_DATASETS = (("unifesp-cv.json", ("label",)), ("mednist-cv.json", ("body_region", "modality", "label")))
+
+
+def cv_table(path: Path, relevances: tuple[str, ...]) -> str:
+    """Cross-validation results: every method on the same held-out queries, plus per-fold training."""
+    doc = json.loads(path.read_text())
+    results = {(r["method"], r["relevance"]): r for r in doc["results"]}
+    methods = list(dict.fromkeys(r["method"] for r in doc["results"]))
+    lines = ["| method | " + " | ".join(f"{rel}: seed mAP | AP@10 | P@1" for rel in relevances) + " |",
+             "|---|" + "---|---|---|" * len(relevances)]
+    for m in methods:
+        cells = []
+        for rel in relevances:
+            r = results.get((m, rel))
+            cells += ["", "", ""] if r is None else [f"{r['seed_mAP']:.4f}", f"{r['AP@10']:.4f}", f"{r['mP@k'][0]:.4f}"]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    cfg = doc["config"]
+    lines += ["", f"{cfg['protocol']}, {cfg['archive_count']} images, each queried once against the whole archive "
+              f"minus {cfg['exclude']}; {cfg.get('cpu', '?')}, {cfg.get('total_s', '?')} s in all. "
+              f"Command: `{cfg.get('command', '')}`.", "",
+              "| fold | queries | training images | epochs run | best epoch | validation mAP | training s |",
+              "|---|---|---|---|---|---|---|"]
+    for f in doc["folds"]:
+        lines.append(f"| {f['fold']} | {f['queries']} | {f['train_images']} | {f.get('epochs_run', '')} "
+                     f"| {f.get('best_epoch', '')} | {f.get('best_val_mAP', '')} | {f.get('train_s', '')} |")
+    if doc.get("summary"):
+        lines += ["", "Summary: " + ", ".join(f"{k} {v}" for k, v in doc["summary"].items())]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     import sys
 
@@ -118,6 +148,11 @@ def main() -> None:
         if path.exists():
             print(f"## {name.removesuffix('.json')}\n")
             print(quality_table(path, columns))
+    for name, rels in CV_DATASETS:
+        path = results / name
+        if path.exists():
+            print(f"## {name.removesuffix('.json')} (group k-fold cross-validation, fine-tuned methods)\n")
+            print(cv_table(path, rels))
 
 
 if __name__ == "__main__":
