@@ -266,7 +266,8 @@ def train_extractor(
         if max_steps is not None and step >= max_steps:
             break
 
-    assert best_state is not None and best_head is not None
+    if best_state is None or best_head is None:
+        raise InvalidInputError("no training step ran: the training split holds fewer than 2 images")
     net.load_state_dict(best_state)
     net.eval()
     seconds = time.perf_counter() - t_start
