@@ -253,7 +253,9 @@ def train_extractor(
             row["val_mAP"] = round(retrieval_map(describe_val(), y_all[val_idx], g_all[val_idx]), 5)
         history.append(row)
         log.info("epoch %d: %s", epoch, ", ".join(f"{k} {v}" for k, v in row.items() if k != "epoch"))
-        score = row.get("val_mAP", float(epoch))
+        score = row.get("val_mAP", float("nan"))
+        if not math.isfinite(score):  # no validation split, or one too small to rank: the latest epoch wins
+            score = float(epoch)
         if score > best_map:
             best_map, best_epoch, stale = score, epoch, 0
             best_state = copy.deepcopy({k: v.detach().cpu() for k, v in net.state_dict().items()})
