@@ -8,6 +8,7 @@ percentiles, the error count and the server's resident memory after warm-up and 
 from __future__ import annotations
 
 import argparse
+import sys
 import threading
 import time
 from pathlib import Path
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         proc.terminate()
         proc.wait(30)
     doc = {"soak": result, "index": args.index, "methods": args.methods, "environment": environment(),
-           "command": "python -m cbmir.benchmarks.soak " + " ".join(argv or [])}
+           "command": "python -m cbmir.benchmarks.soak " + " ".join(sys.argv[1:] if argv is None else argv)}
     print(write_result(args.out, doc))
     print(result)
     return doc
