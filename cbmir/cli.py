@@ -49,14 +49,40 @@ def extractor_configs(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     return configs
 
 
-def cmd_build(args: argparse.Namespace) -> int:
-    from cbmir.index_build import build_bundle, open_archive
+def _selected_archive(args: argparse.Namespace) -> Any:
+    """The archive named by --images/--labels, narrowed by --select FIELD=VALUE."""
+    from cbmir.index_build import open_archive
 
     archive = open_archive(args.images, args.labels)
     missing = getattr(archive, "missing", [])
     if missing:
         log.warning("%d rows of the labels CSV name no image in the archive (e.g. %s)", len(missing), missing[:3])
-    archive = archive.select({k: v[-1] for k, v in _pairs(args.select, "--select").items()})
+    return archive.select({k: v[-1] for k, v in _pairs(args.select, "--select").items()})
+
+
+def _labelled_images(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The selected archive and its decoded images that carry a --label-field value (--max-images subsample)."""
+    from cbmir.training.dataset import balanced_subsample, decode_archive
+
+    archive = _selected_archive(args)
+    if not len(archive):
+        raise InvalidInputError(
+            f"no images in {archive.source}; the labels CSV's path column must be relative to --images"
+        )
+    data = decode_archive(archive, progress=not args.no_progress)
+    labels = data.column(args.label_field)
+    keep = [i for i, v in enumerate(labels) if v != ""]
+    if len(keep) < len(labels):
+        log.warning("%d images have no %r value and are left out", len(labels) - len(keep), args.label_field)
+    keep = [keep[i] for i in balanced_subsample([labels[i] for i in keep], args.max_images, seed=args.seed)]
+    log.info("%d labelled images of %s (%d unreadable)", len(keep), archive.source, len(data.skipped))
+    return archive, data.subset(keep)
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from cbmir.index_build import build_bundle
+
+    archive = _selected_archive(args)
     log.info("archive %s: %d images", archive.source, len(archive))
     t0 = time.perf_counter()
     report = build_bundle(
@@ -79,26 +105,13 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from cbmir.index_build import open_archive
     from cbmir.training import save_checkpoint, train_extractor
-    from cbmir.training.dataset import balanced_subsample, decode_archive
 
-    archive = open_archive(args.images, args.labels)
-    archive = archive.select({k: v[-1] for k, v in _pairs(args.select, "--select").items()})
-    if not len(archive):
-        raise InvalidInputError(
-            f"no images to train on in {archive.source}; the labels CSV's path column must be relative to --images"
-        )
-    data = decode_archive(archive, progress=not args.no_progress)
+    archive, data = _labelled_images(args)
     labels = data.column(args.label_field)
-    keep = [i for i, v in enumerate(labels) if v != ""]
-    keep = [keep[i] for i in balanced_subsample([labels[i] for i in keep], args.max_images, seed=args.seed)]
-    groups = [data.column(args.group_field)[i] for i in keep] if args.group_field else None
-    log.info("training on %d images of %s (%d skipped)", len(keep), archive.source, len(data.skipped))
+    groups = data.column(args.group_field) if args.group_field else None
     config = _train_config(args)
-    result = train_extractor(
-        [data.images[i] for i in keep], [labels[i] for i in keep], groups, config, progress=not args.no_progress
-    )
+    result = train_extractor(data.images, labels, groups, config, progress=not args.no_progress)
     result.training.update(
         {"archive": archive.source, "label_field": args.label_field, "group_field": args.group_field,
          "max_images": args.max_images, "command": " ".join(["cbmir", *sys.argv[1:]])}
@@ -112,10 +125,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_add(args: argparse.Namespace) -> int:
-    from cbmir.index_build import add_to_bundle, open_archive
+    from cbmir.index_build import add_to_bundle
 
-    archive = open_archive(args.images, args.labels)
-    archive = archive.select({k: v[-1] for k, v in _pairs(args.select, "--select").items()})
+    archive = _selected_archive(args)
     report = add_to_bundle(args.index, archive, id_prefix=args.id_prefix, batch_size=args.batch_size,
                            device=args.device, progress=not args.no_progress)
     print(f"{report.path}: {report.count} images ({len(report.added)} added, {len(report.duplicates)} already "
@@ -184,17 +196,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
 
 def cmd_cross_validate(args: argparse.Namespace) -> int:
     from cbmir.benchmarks.cross_validation import cross_validate
-    from cbmir.index_build import open_archive
-    from cbmir.training.dataset import balanced_subsample, decode_archive
 
-    archive = open_archive(args.images, args.labels)
-    archive = archive.select({k: v[-1] for k, v in _pairs(args.select, "--select").items()})
-    data = decode_archive(archive, progress=not args.no_progress)
-    if args.max_images:
-        keep = balanced_subsample(data.column(args.label_field), args.max_images, seed=args.seed)
-        data.ids = [data.ids[i] for i in keep]
-        data.images = [data.images[i] for i in keep]
-        data.metadata = {k: [v[i] for i in keep] for k, v in data.metadata.items()}
+    archive, data = _labelled_images(args)
     t0 = time.perf_counter()
     doc = cross_validate(
         data,

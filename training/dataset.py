@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -26,6 +27,15 @@ class LabelledImages:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def subset(self, indices: Sequence[int]) -> LabelledImages:
+        """The images at ``indices``, in that order."""
+        return LabelledImages(
+            ids=[self.ids[i] for i in indices],
+            images=[self.images[i] for i in indices],
+            metadata={k: [v[i] for i in indices] for k, v in self.metadata.items()},
+            skipped=self.skipped,
+        )
 
     def column(self, field: str) -> list[str]:
         if field not in self.metadata:
