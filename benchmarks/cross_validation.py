@@ -33,6 +33,7 @@ from cbmir.index_build.bundle import Bundle, MethodIndex, flat_index
 from cbmir.index_build.index_types import build_index
 from cbmir.server.search_engine import SearchEngine
 from cbmir.training import TrainConfig, group_kfold, save_checkpoint, train_extractor
+from cbmir.training.splits import group_codes
 from cbmir.training.dataset import LabelledImages, balanced_subsample
 
 from .retrieval_quality import K, parse_method, score_rankings
@@ -112,9 +113,9 @@ def cross_validate(
     groups = data.column(group_field) if group_field else [""] * len(data)
     fold_of = group_kfold(groups, folds, seed)
     n = len(data)
-    group_codes = np.unique(np.asarray([g or f"\x00{i}" for i, g in enumerate(groups)]), return_inverse=True)[1]
-    members = np.split(np.argsort(group_codes, kind="stable"), np.cumsum(np.bincount(group_codes))[:-1])
-    excluded = [members[group_codes[i]] for i in range(n)]
+    codes, sizes = group_codes(groups)
+    members = np.split(np.argsort(codes, kind="stable"), np.cumsum(sizes)[:-1])
+    excluded = [members[codes[i]] for i in range(n)]
     needed = {name for spec in methods for name in parse_method(spec) if name}
     unknown = needed - set(FIXED) - set(LEARNED)
     if unknown:

@@ -319,9 +319,12 @@ def cmd_query(args: argparse.Namespace) -> int:
             filters=_pairs(args.filter, "--filter"),
             predict_class=args.predict_class,
         )
+        predicted = client.last_trailers.get("cbmir-predicted-class")
     if args.json:
         print(json.dumps([h.__dict__ for h in hits], indent=2))
     else:
+        if args.predict_class:
+            print(f"searched class: {predicted}" if predicted else "searched the whole archive (class uncertain)")
         print(format_hits(hits))
     return 0
 

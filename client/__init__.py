@@ -95,12 +95,17 @@ class RetrievalClient:
             channel = grpc.secure_channel(target, creds, options=options)
         self.channel = channel or grpc.insecure_channel(target, options=options)
         self.metadata = (("authorization", f"Bearer {token}"),) if token else None
+        self.last_trailers: dict[str, str] = {}
         self.timeout = timeout
         self.stub = pb_grpc.RetrievalStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
 
     def search(self, request: pb.SearchRequest) -> list[Hit]:
-        return [Hit.from_proto(h) for h in self.stub.Search(request, timeout=self.timeout, metadata=self.metadata)]
+        """Hits of one query; the call's trailing metadata (``cbmir-predicted-class``) lands in ``last_trailers``."""
+        stream = self.stub.Search(request, timeout=self.timeout, metadata=self.metadata)
+        hits = [Hit.from_proto(h) for h in stream]
+        self.last_trailers = dict(stream.trailing_metadata() or ())
+        return hits
 
     def search_image(self, image: bytes, **kwargs: Any) -> list[Hit]:
         """Hits for an encoded PNG, JPEG or DICOM file."""

@@ -195,6 +195,11 @@ def test_server_answers_class_predicted_search(trained, finetuned_bundle: Path) 
         predicted = dict(stream.trailing_metadata())["cbmir-predicted-class"]
         assert predicted in ("Abdomen", "Chest", "Knee")
         assert len(hits) == 10 and {h.metadata["label"] for h in hits} == {predicted}
+        from cbmir.client import RetrievalClient
+
+        with RetrievalClient(f"127.0.0.1:{running.port}") as client:
+            again = client.search_pixels(pixels, k=10, predict_class=True, min_class_confidence=0.01)
+            assert client.last_trailers["cbmir-predicted-class"] == predicted and len(again) == 10
         with pytest.raises(grpc.RpcError) as err:
             list(stub.Search(build_request(archive_id=data.ids[0], predict_class=True), timeout=30))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -9,8 +9,8 @@ import numpy as np
 from cbmir.errors import InvalidInputError
 
 
-def _group_codes(groups: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Integer group per sample; samples with an empty group each form their own group."""
+def group_codes(groups: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Integer group per sample and the size of each group; a sample with an empty group is a group of its own."""
     values = np.asarray([str(g) if str(g) != "" else f"\x00{i}" for i, g in enumerate(groups)], dtype=object)
     uniques, codes = np.unique(values.astype(str), return_inverse=True)
     return codes, np.bincount(codes, minlength=len(uniques))
@@ -29,7 +29,7 @@ def group_kfold(groups: Sequence[str], n_folds: int, seed: int = 0) -> np.ndarra
     Returns:
         (N,) int64 fold per sample.
     """
-    codes, sizes = _group_codes(groups)
+    codes, sizes = group_codes(groups)
     if n_folds < 2 or n_folds > len(sizes):
         raise InvalidInputError(f"need 2 <= folds <= number of groups ({len(sizes)}), got {n_folds}")
     order = np.random.default_rng(seed).permutation(len(sizes))
@@ -51,7 +51,7 @@ def group_split(groups: Sequence[str], val_fraction: float, seed: int = 0) -> tu
     """
     if not 0.0 <= val_fraction < 1.0:
         raise InvalidInputError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    codes, sizes = _group_codes(groups)
+    codes, sizes = group_codes(groups)
     n = len(codes)
     if val_fraction == 0.0 or n == 0:
         return np.arange(n), np.zeros(0, dtype=np.int64)

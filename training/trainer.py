@@ -29,7 +29,7 @@ from cbmir.extractors.imaging import resize_batch
 
 from .augment import radiograph_augmentation
 from .losses import supervised_contrastive_loss
-from .splits import group_split
+from .splits import group_codes, group_split
 
 log = logging.getLogger("cbmir.train")
 
@@ -159,7 +159,7 @@ def train_extractor(
         raise InvalidInputError(f"training needs at least 2 classes, found {classes}")
     y_all = np.searchsorted(classes, labels_arr)
     group_values = [""] * len(images) if groups is None else [str(g) for g in groups]
-    _, g_all = np.unique(np.asarray([g or f"\x00{i}" for i, g in enumerate(group_values)]), return_inverse=True)
+    g_all, _ = group_codes(group_values)
     train_idx, val_idx = group_split(group_values, config.val_fraction, seed=config.seed)
 
     seed_everything(config.seed)
