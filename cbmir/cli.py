@@ -49,6 +49,14 @@ def extractor_configs(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     return configs
 
 
+def _index_types(value: str) -> str | dict[str, str]:
+    """``hnsw`` (every method) or ``cnn=itq,hog=hnsw`` (per method; the others stay flat)."""
+    if "=" not in value:
+        return value
+    pairs = _pairs(_csv(value), "--index-type")
+    return {name: types[-1] for name, types in pairs.items()}
+
+
 def _selected_archive(args: argparse.Namespace) -> Any:
     """The archive named by --images/--labels, narrowed by --select FIELD=VALUE."""
     from cbmir.index_build import open_archive
@@ -92,7 +100,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         device=args.device,
         fit_sample=args.fit_sample,
-        index_type=args.index_type,
+        index_type=_index_types(args.index_type),
         progress=not args.no_progress,
     )
     total = time.perf_counter() - t0
@@ -352,8 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--whiten", action="store_true", help="whiten the PCA components")
     b.add_argument("--bovw-words", type=int, default=4000, help="BoVW vocabulary size")
     b.add_argument("--fit-sample", type=int, default=5000, help="images sampled to fit the BoVW vocabulary")
-    b.add_argument("--index-type", default="flat", choices=["auto", "flat", "ivf", "hnsw", "sq8", "ivfpq", "itq"],
-                   help="FAISS index per method; auto picks by archive size")
+    b.add_argument("--index-type", default="flat", metavar="TYPE|METHOD=TYPE,...",
+                   help="FAISS index: auto (by archive size), flat, ivf, hnsw, sq8, ivfpq or itq, for every method "
+                        "or per method (cnn=itq,hog=hnsw; the others stay flat)")
     b.add_argument("--batch-size", type=int, default=64)
     b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     b.add_argument("--select", action="append", metavar="FIELD=VALUE", help="index only matching images")

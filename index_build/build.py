@@ -23,7 +23,7 @@ from cbmir.extractors.imaging import DEFAULT_WINDOWS
 
 from .archive import Archive, ImageRecord
 from .bundle import RECORDS, BundleWriter, update_lock
-from .index_types import build_index, choose_index_type
+from .index_types import build_index, check_index_type, choose_index_type
 
 log = logging.getLogger("cbmir.build")
 
@@ -135,7 +135,7 @@ def build_bundle(
     device: str = "auto",
     fit_sample: int = 5000,
     seed: int = 0,
-    index_type: str = "flat",
+    index_type: str | dict[str, str] = "flat",
     index_params: dict[str, Any] | None = None,
     progress: bool = True,
     on_skip: Callable[[dict[str, str]], None] | None = None,
@@ -150,7 +150,8 @@ def build_bundle(
         device: ``auto``, ``cpu`` or ``cuda`` for the torch extractors.
         fit_sample: images sampled for extractors that learn before extracting (BoVW vocabulary).
         seed: sampling seed.
-        index_type: ``flat`` (exact), ``ivf``, ``hnsw``, ``sq8``, ``ivfpq`` or ``auto`` (by archive size).
+        index_type: ``flat`` (exact), ``ivf``, ``hnsw``, ``sq8``, ``ivfpq``, ``itq`` or ``auto`` (by archive size)
+            for every method, or a method -> type mapping (methods it leaves out get ``flat``).
         index_params: overrides of the index type's build/search parameters.
         progress: show a progress bar.
         on_skip: called for every unreadable image (default: log a warning).
@@ -170,6 +171,12 @@ def build_bundle(
         methods[name] = create_extractor(config.get("extractor", name), **_without(config, "extractor"),
                                          device=device)
     timings["load_models"] = time.perf_counter() - t0
+    requested = index_type if isinstance(index_type, dict) else {name: index_type for name in methods}
+    unknown = sorted(set(requested) - set(methods))
+    if unknown:
+        raise InvalidInputError(f"--index-type names method(s) {unknown} that are not built; methods: {sorted(methods)}")
+    for name, ex in methods.items():
+        check_index_type(requested.get(name, "flat"), ex.metric)
 
     to_fit = [name for name, ex in methods.items() if ex.needs_fit]
     if to_fit:
@@ -209,7 +216,8 @@ def build_bundle(
             if state:
                 files["state"] = f"{name}.state.npz"
                 writer.write_arrays(files["state"], state)
-            chosen = choose_index_type(len(records), ex.metric) if index_type == "auto" else index_type
+            wanted = requested.get(name, "flat")
+            chosen = choose_index_type(len(records), ex.metric) if wanted == "auto" else wanted
             params: dict[str, Any] = {}
             if chosen != "flat":
                 t1 = time.perf_counter()
@@ -224,7 +232,7 @@ def build_bundle(
                 "dim": ex.dim,
                 "metric": ex.metric,
                 "index_type": chosen,
-                "index_requested": index_type,
+                "index_requested": wanted,
                 "index_params": params,
                 "files": files,
                 "extract_s": round(extract_s[name], 3),

@@ -61,6 +61,19 @@ def factory_string(index_type: str, params: dict[str, Any]) -> str:
     }[index_type]
 
 
+def check_index_type(index_type: str, metric: str) -> None:
+    """Raise InvalidInputError unless ``index_type`` (or ``auto``) can serve ``metric``."""
+    if index_type == "auto":
+        return
+    if index_type not in INDEX_TYPES:
+        raise InvalidInputError(f"unknown index type {index_type!r}; choose from auto, {', '.join(INDEX_TYPES)}")
+    if metric == "l1" and index_type in ("sq8", "ivfpq"):
+        raise InvalidInputError(f"index type {index_type} does not support the L1 metric; use flat, ivf or hnsw")
+    if index_type == "itq" and metric != "l2":
+        raise InvalidInputError(f"index type itq re-ranks with FAISS's L2 refinement only; the {metric} metric needs "
+                                "flat, ivf or hnsw")
+
+
 def build_index(
     descriptors: np.ndarray, metric: str, index_type: str, params: dict[str, Any] | None = None, seed: int = 1234
 ) -> tuple[faiss.Index, dict[str, Any]]:
@@ -69,10 +82,7 @@ def build_index(
     Returns:
         The index (search parameters applied) and the parameters used.
     """
-    if index_type not in INDEX_TYPES:
-        raise InvalidInputError(f"unknown index type {index_type!r}; choose from auto, {', '.join(INDEX_TYPES)}")
-    if metric == "l1" and index_type in ("sq8", "ivfpq"):
-        raise InvalidInputError(f"index type {index_type} does not support the L1 metric; use flat, ivf or hnsw")
+    check_index_type(index_type, metric)
     n, dim = descriptors.shape
     params = {**default_params(index_type, n, dim), **(params or {})}
     if index_type == "itq" and not 1 <= int(params["bits"]) <= dim:

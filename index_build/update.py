@@ -73,7 +73,7 @@ def _publish(
                 writer.copy_file(files["state"], old_dir / info["files"]["state"])
             if method.index_type != "flat":
                 if appended:
-                    index = faiss.clone_index(method.index)
+                    index = faiss.deserialize_index(faiss.serialize_index(method.index))  # a copy of any type
                     index.add(np.ascontiguousarray(descriptors[name][len(bundle):], dtype=np.float32))
                 else:
                     index, _ = build_index(descriptors[name], method.metric, method.index_type,

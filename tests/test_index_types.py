@@ -70,3 +70,6 @@ def test_itq_coarse_to_fine_returns_exact_float_distances():
     assert recall > np.mean([len(set(a) & set(b)) / 10 for a, b in zip(truth, coarse_only)])
     with pytest.raises(InvalidInputError, match="bits"):
         build_index(x, "l2", "itq", {"bits": 128})
+    for metric in ("l1", "cosine"):
+        with pytest.raises(InvalidInputError, match="itq"):
+            build_index(x, metric, "itq")

@@ -101,14 +101,15 @@ def test_remove_drops_only_the_named_ids(split_archive, tmp_path: Path, index_ty
     assert load_bundle(tmp_path / "b").version == after.version
 
 
-def test_add_to_an_approximate_index_extends_it(split_archive, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("method", "index_type", "params"), [("hog", "hnsw", None), ("cnn", "itq", {"bits": 16})])
+def test_add_to_an_approximate_index_extends_it(split_archive, tmp_path: Path, method, index_type, params) -> None:
     root, _, first, second = split_archive
-    build_bundle(open_archive(root, first), tmp_path / "b", {"hog": {}}, device="cpu", progress=False,
-                 index_type="hnsw")
+    build_bundle(open_archive(root, first), tmp_path / "b", {method: EXTRACTORS[method]}, device="cpu",
+                 progress=False, index_type=index_type, index_params=params)
     add_to_bundle(tmp_path / "b", open_archive(root, second), progress=False)
     bundle = load_bundle(tmp_path / "b")
-    method = bundle.methods["hog"]
-    assert method.index.ntotal == 90 and method.index_type == "hnsw"
+    method = bundle.methods[method]
+    assert method.index.ntotal == 90 and method.index_type == index_type
     _, hits = method.index.search(method.descriptors[60:63], 1)
     assert hits[:, 0].tolist() == [60, 61, 62]
 
