@@ -23,6 +23,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import faiss
 import numpy as np
 import torch
 
@@ -63,9 +64,7 @@ def _describe(extractor: Any, images: Sequence[np.ndarray], batch: int = 256) ->
 
 def _search_ms(index: Any, queries: np.ndarray, repeats: int = 3) -> float:
     """Median wall time per query (ms) of a batched top-K search on one thread."""
-    threads = torch.get_num_threads()
-    import faiss
-
+    threads = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)
     times = []
     try:
