@@ -6,9 +6,15 @@ import json
 import os
 import platform
 import subprocess
+import threading
+import time
 import zipfile
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+import grpc
 
 import numpy as np
 import torch
@@ -73,3 +79,45 @@ def write_result(name: str, doc: dict[str, Any]) -> Path:
     path = RESULTS / name
     path.write_text(json.dumps(doc, indent=2))
     return path
+
+
+def closed_loop(
+    target: str, clients: int, requests: int, max_seconds: float, call: Callable[[Any, int], None]
+) -> tuple[list[float], list[str], float]:
+    """Drive a server with ``clients`` threads, each issuing the next of ``requests`` numbered calls until all are
+    done or ``max_seconds`` pass; ``call(client, i)`` makes call ``i``.
+
+    Returns:
+        Milliseconds of the calls that succeeded, ``"CODE: details"`` of those that failed with a gRPC status, and
+        the wall time. Any other exception propagates.
+    """
+    from cbmir.client import RetrievalClient
+
+    latencies: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    counter = iter(range(requests))
+    deadline = time.perf_counter() + max_seconds
+
+    def worker() -> None:
+        with RetrievalClient(target, timeout=60) as client:
+            while time.perf_counter() < deadline:
+                with lock:
+                    i = next(counter, None)
+                if i is None:
+                    return
+                t0 = time.perf_counter()
+                try:
+                    call(client, i)
+                except grpc.RpcError as exc:
+                    with lock:
+                        errors.append(f"{exc.code().name}: {exc.details()}")
+                    continue
+                with lock:
+                    latencies.append((time.perf_counter() - t0) * 1000)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        for future in [pool.submit(worker) for _ in range(clients)]:
+            future.result()
+    return latencies, errors, time.perf_counter() - t0

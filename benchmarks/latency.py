@@ -19,9 +19,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +28,7 @@ import numpy as np
 from cbmir.client import RetrievalClient, build_request
 from cbmir.index_build.bundle import read_manifest, resolve_version_dir
 
-from .common import environment, mednist_jpegs, percentiles, write_result
+from .common import closed_loop, environment, mednist_jpegs, percentiles, write_result
 from .reference_pipeline import ReferencePipeline
 
 METHODS = {"cnn": {"method": "cnn"}, "hog": {"method": "hog"}, "bovw": {"method": "bovw"},
@@ -78,30 +76,16 @@ def server_records(log_path: Path, offset: int) -> tuple[list[dict[str, Any]], i
 
 def run_load(target: str, payloads: list[bytes], options: dict[str, Any], concurrency: int, requests: int,
              seconds: float) -> list[float]:
-    latencies: list[float] = []
-    lock = threading.Lock()
-    stop_at = time.perf_counter() + seconds
-    counter = iter(range(requests))
+    """Milliseconds per image query at the given concurrency; any failed or short answer aborts the run."""
 
-    def worker() -> None:
-        with RetrievalClient(target, timeout=30) as client:
-            while time.perf_counter() < stop_at:
-                with lock:
-                    i = next(counter, None)
-                if i is None:
-                    return
-                req = build_request(image=payloads[i % len(payloads)], k=10, **options)
-                t0 = time.perf_counter()
-                hits = client.search(req)
-                elapsed = (time.perf_counter() - t0) * 1000
-                if len(hits) != 10:
-                    raise RuntimeError(f"expected 10 hits, got {len(hits)}")
-                with lock:
-                    latencies.append(elapsed)
+    def call(client: RetrievalClient, i: int) -> None:
+        hits = client.search(build_request(image=payloads[i % len(payloads)], k=10, **options))
+        if len(hits) != 10:
+            raise RuntimeError(f"expected 10 hits, got {len(hits)}")
 
-    with ThreadPoolExecutor(concurrency) as pool:
-        for f in [pool.submit(worker) for _ in range(concurrency)]:
-            f.result()
+    latencies, errors, _ = closed_loop(target, concurrency, requests, seconds, call)
+    if errors:
+        raise RuntimeError(f"{len(errors)} requests failed, e.g. {errors[0]}")
     return latencies
 
 

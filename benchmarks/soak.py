@@ -9,18 +9,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
-import grpc
-import numpy as np
 import psutil
 
 from cbmir.client import RetrievalClient, build_request
 
-from .common import environment, mednist_jpegs, percentiles, write_result
+from .common import closed_loop, environment, mednist_jpegs, percentiles, write_result
 from .latency import start_server
 
 
@@ -46,41 +42,12 @@ def soak(target: str, pid: int, payloads: list[bytes], ids: list[str], methods: 
     """Run the load; memory is the server process's RSS (MiB) after ``warmup`` requests and after the run."""
     server = psutil.Process(pid)
 
-    def run(total: int, record: bool) -> tuple[list[float], list[str], float]:
-        latencies: list[float] = []
-        errors: list[str] = []
-        counter = iter(range(total))
-        lock = threading.Lock()
-        deadline = time.perf_counter() + max_seconds
+    def call(client: RetrievalClient, i: int) -> None:
+        _requests(client, payloads, ids, methods, i)()
 
-        def worker() -> None:
-            with RetrievalClient(target, timeout=60) as client:
-                while time.perf_counter() < deadline:
-                    with lock:
-                        i = next(counter, None)
-                    if i is None:
-                        return
-                    call = _requests(client, payloads, ids, methods, i)
-                    t0 = time.perf_counter()
-                    try:
-                        call()
-                    except grpc.RpcError as exc:
-                        errors.append(f"{exc.code().name}: {exc.details()}")
-                        continue
-                    if record:
-                        latencies.append((time.perf_counter() - t0) * 1000)
-
-        t0 = time.perf_counter()
-        threads = [threading.Thread(target=worker) for _ in range(clients)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        return latencies, errors, time.perf_counter() - t0
-
-    run(warmup, record=False)
+    closed_loop(target, clients, warmup, max_seconds, call)
     rss_before = server.memory_info().rss / 2**20
-    latencies, errors, seconds = run(requests, record=True)
+    latencies, errors, seconds = closed_loop(target, clients, requests, max_seconds, call)
     rss_after = server.memory_info().rss / 2**20
     return {
         "clients": clients,
