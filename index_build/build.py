@@ -78,12 +78,13 @@ def extract_archive(
     batch_size: int = 64,
     progress: bool = True,
     on_skip: Callable[[dict[str, str]], None] | None = None,
-    keep: Callable[[ImageRecord], bool] | None = None,
+    keep: Callable[[ImageRecord, str], bool] | None = None,
 ) -> Extraction:
     """Decode (prefetched on a thread) and extract every archive image in batches.
 
     Args:
-        keep: optional predicate; records it rejects (e.g. duplicates of indexed images) are not extracted.
+        keep: optional predicate on (record, SHA-256 of its pixels); records it rejects (e.g. duplicates of indexed
+            images) are not extracted.
     """
     on_skip = on_skip or (lambda s: log.warning("skipped %s: %s", s["uri"], s["error"]))
     raw: dict[str, list[np.ndarray]] = {name: [] for name in methods}
@@ -105,15 +106,17 @@ def extract_archive(
             for s in batch_skipped:
                 on_skip(s)
             skipped.extend(batch_skipped)
+            digests = [sha256_pixels(r.image) for r in batch_records]
             if keep is not None:
-                batch_records = [r for r in batch_records if keep(r)]
+                kept = [(r, d) for r, d in zip(batch_records, digests) if keep(r, d)]
+                batch_records, digests = [r for r, _ in kept], [d for _, d in kept]
             if batch_records:
                 images = [r.image for r in batch_records]
                 for name, ex in methods.items():
                     t0 = time.perf_counter()
                     raw[name].append(ex.extract(images))
                     extract_s[name] += time.perf_counter() - t0
-                records.extend((r.id, r.uri, r.metadata, sha256_pixels(r.image)) for r in batch_records)
+                records.extend((r.id, r.uri, r.metadata, d) for r, d in zip(batch_records, digests))
             bar.update(len(batches[b]))
             bar.set_postfix(skipped=len(skipped))
             if not progress and (b + 1) % max(1, len(batches) // 20) == 0:

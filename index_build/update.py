@@ -19,7 +19,6 @@ from typing import Any
 import faiss
 import numpy as np
 
-from cbmir.checksums import sha256_pixels
 from cbmir.errors import InvalidInputError, NotFoundError
 from cbmir.extractors import Extractor, extractor_class
 from cbmir.extractors.imaging import set_default_windows
@@ -132,9 +131,8 @@ def add_to_bundle(
         duplicates: list[str] = []
         conflicts: list[str] = []
 
-        def keep(record: ImageRecord) -> bool:
+        def keep(record: ImageRecord, digest: str) -> bool:
             new_id = id_prefix + record.id
-            digest = sha256_pixels(record.image)
             row = bundle.row_of.get(new_id)
             if digest in known or digest in seen or (row is not None and not hashes[row]):
                 duplicates.append(new_id)
