@@ -36,6 +36,7 @@ import numpy as np
 from cbmir import __version__
 from cbmir.checksums import sha256_file
 from cbmir.errors import BundleError, NotFoundError
+from cbmir.extractors import Extractor, extractor_class
 
 from .index_types import FAISS_METRICS, apply_search_params
 
@@ -221,6 +222,10 @@ class MethodIndex:
     descriptors: np.ndarray
     state: dict[str, np.ndarray]
     info: dict[str, Any] = field(default_factory=dict)
+
+    def restore_extractor(self, device: str = "auto") -> Extractor:
+        """The fitted extractor that produced these descriptors (weights, vocabulary, PCA from the bundle)."""
+        return extractor_class(self.extractor).restore(self.config, self.state, device=device)
 
 
 def flat_index(descriptors: np.ndarray, metric: str) -> tuple[faiss.Index, np.ndarray]:

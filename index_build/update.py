@@ -20,7 +20,6 @@ import faiss
 import numpy as np
 
 from cbmir.errors import InvalidInputError, NotFoundError
-from cbmir.extractors import Extractor, extractor_class
 from cbmir.extractors.imaging import set_default_windows
 
 from .archive import Archive, ImageRecord
@@ -119,10 +118,7 @@ def add_to_bundle(
     with update_lock(root):
         bundle = load_bundle(root)
         use_bundle_windows(bundle)
-        extractors: dict[str, Extractor] = {
-            name: extractor_class(m.extractor).restore(m.config, m.state, device=device)
-            for name, m in bundle.methods.items()
-        }
+        extractors = {name: m.restore_extractor(device) for name, m in bundle.methods.items()}
         hashes = bundle.content_hashes
         if not any(hashes):
             log.warning("bundle %s predates content hashes: duplicates are detected by id only", bundle.path)

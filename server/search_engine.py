@@ -15,7 +15,7 @@ import faiss
 import numpy as np
 
 from cbmir.errors import InvalidInputError
-from cbmir.extractors import Extractor, extractor_class
+from cbmir.extractors import Extractor
 from cbmir.index_build.bundle import Bundle, MethodIndex
 from cbmir.index_build.index_types import FAISS_METRICS
 from cbmir.timing import stage
@@ -74,9 +74,7 @@ class SearchEngine:
             return ex
         with self._lock:
             if name not in self._extractors:
-                info = self.method(name)
-                cls = extractor_class(info.extractor)
-                self._extractors[name] = cls.restore(info.config, info.state, device=self.device)
+                self._extractors[name] = self.method(name).restore_extractor(self.device)
             return self._extractors[name]
 
     def warmup(self) -> None:
