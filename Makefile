@@ -64,14 +64,14 @@ bench:
 	$(PYTHON) -m cbmir.benchmarks.latency --index $(BUNDLES)/mednist-fast --bovw-index $(BUNDLES)/mednist
 	$(PYTHON) -m cbmir.benchmarks.scaling --index $(BUNDLES)/mednist-fast
 	$(PYTHON) -m cbmir.benchmarks.plots
-	$(PYTHON) -m cbmir.benchmarks.report --bench > benchmarks/results/SUMMARY.md
+	$(PYTHON) -m cbmir.benchmarks.summary --results benchmarks/results > benchmarks/results/SUMMARY.md
 
 # A bounded soak of a cbmir serve process (needs $(BUNDLES)/mednist-fast): throughput, p99, errors, memory.
 soak:
 	$(PYTHON) -m cbmir.benchmarks.soak --index $(BUNDLES)/mednist-fast --clients 8 --requests 4000
 
 report:
-	$(PYTHON) -m cbmir.benchmarks.report > docs/RESULTS.md
+	$(PYTHON) -m cbmir.evaluation.report --results $(RESULTS) > docs/RESULTS.md
 
 clean:
 	rm -rf $(BUNDLES) build *.egg-info .pytest_cache

@@ -1,0 +1,1 @@
+"""Speed and scale measurements (throughput, latency, scaling, soak), each a script writing a result file."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -15,30 +16,35 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-
 import numpy as np
 import torch
 
-from cbmir.index_build.build import cpu_model
+from cbmir.machine import cpu_model
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
-DEFAULT_SHARED = REPO.parent / "shared" / "data"
+RESULTS_DIR = "benchmarks/results"
+"""Where the scripts write their result files by default (relative to the working directory)."""
 
 
-def shared_data() -> Path:
-    return Path(os.environ.get("CBMIR_SHARED_DATA", DEFAULT_SHARED))
+def default_mednist_zip() -> str:
+    """The MedNIST zip under ``$CBMIR_SHARED_DATA`` (default ``../shared/data``, beside a checkout)."""
+    return str(Path(os.environ.get("CBMIR_SHARED_DATA", "../shared/data")) / "mednist" / "mednist_58954_jpeg.zip")
+
+
+def add_io_args(parser: argparse.ArgumentParser, result_name: str) -> None:
+    """``--out`` (the result file) and ``--mednist`` (the query images' zip), shared by every script."""
+    parser.add_argument("--out", default=f"{RESULTS_DIR}/{result_name}", help="result JSON file to write")
+    parser.add_argument("--mednist", default=default_mednist_zip(), help="MedNIST JPEG zip the queries come from")
 
 
 def environment() -> dict[str, Any]:
+    """Versions, hardware and the git commit of the working directory, recorded beside every figure."""
     import faiss
-    import grpc
     import timm
 
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                 check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True,
+        dirty = bool(subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
                                     check=True).stdout.strip())
     except (OSError, subprocess.CalledProcessError):
         commit, dirty = "unknown", False
@@ -65,18 +71,18 @@ def percentiles(values_ms: list[float]) -> dict[str, float]:
     return {f"p{q}_ms": round(float(np.percentile(a, q)), 3) for q in (50, 95, 99)}
 
 
-def mednist_jpegs(n: int, seed: int = 0) -> list[bytes]:
+def mednist_jpegs(n: int, seed: int = 0, path: str | None = None) -> list[bytes]:
     """``n`` JPEG files sampled evenly from the MedNIST zip (all six classes)."""
-    path = shared_data() / "mednist" / "mednist_58954_jpeg.zip"
+    path = path or default_mednist_zip()
     with zipfile.ZipFile(path) as zf:
         names = sorted(x for x in zf.namelist() if x.endswith(".jpeg"))
         picked = np.random.default_rng(seed).choice(len(names), size=n, replace=False)
         return [zf.read(names[i]) for i in sorted(picked)]
 
 
-def write_result(name: str, doc: dict[str, Any]) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / name
+def write_result(out: str, doc: dict[str, Any]) -> Path:
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=2))
     return path
 

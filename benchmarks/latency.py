@@ -28,7 +28,7 @@ import numpy as np
 from cbmir.client import RetrievalClient, build_request
 from cbmir.index_build.bundle import read_manifest, resolve_version_dir
 
-from .common import closed_loop, environment, mednist_jpegs, percentiles, write_result
+from .common import add_io_args, closed_loop, environment, mednist_jpegs, percentiles, write_result
 from .reference_pipeline import ReferencePipeline
 
 METHODS = {"cnn": {"method": "cnn"}, "hog": {"method": "hog"}, "bovw": {"method": "bovw"},
@@ -100,11 +100,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--baseline-requests", type=int, default=30)
     parser.add_argument("--workers", type=int, default=8)
-    parser.add_argument("--out", default="latency.json")
+    add_io_args(parser, "latency.json")
     args = parser.parse_args(argv)
 
     manifest = read_manifest(resolve_version_dir(args.index))
-    payloads = mednist_jpegs(256, seed=1)
+    payloads = mednist_jpegs(256, seed=1, path=args.mednist)
 
     baseline = ReferencePipeline(archive_size=manifest["count"])
     for p in payloads[:3]:

@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import json
 
-from .common import RESULTS
+from pathlib import Path
+
+from .common import RESULTS_DIR
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--results", default=RESULTS_DIR, help="folder holding scaling.json; the plot is written there")
+    results = Path(parser.parse_args(argv).results)
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = json.loads((RESULTS / "scaling.json").read_text())["runs"]
+    runs = json.loads((results / "scaling.json").read_text())["runs"]
     fig, (ax_lat, ax_rec) = plt.subplots(1, 2, figsize=(12, 4.8))
     def series(run: dict) -> str:
         setting = {k: v for k, v in run["params"].items() if k in ("nprobe", "efSearch")}
@@ -35,7 +42,7 @@ def main() -> None:
     ax_rec.legend(fontsize=7, ncol=2)
     fig.suptitle("cbmir search scaling (MedNIST CNN descriptors, jittered to 10^6)")
     fig.tight_layout()
-    out = RESULTS / "scaling.png"
+    out = results / "scaling.png"
     fig.savefig(out, dpi=110)
     print(f"wrote {out}")
 

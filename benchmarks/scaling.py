@@ -21,7 +21,7 @@ import numpy as np
 from cbmir.index_build import load_bundle
 from cbmir.index_build.index_types import apply_search_params, build_index
 
-from .common import environment, write_result
+from .common import add_io_args, environment, write_result
 
 INDEX_TYPES = ("flat", "ivf", "hnsw", "sq8", "ivfpq", "itq")
 SWEEP = {"ivf": ("nprobe", (16, 64, 256)), "ivfpq": ("nprobe", (16, 64, 256)),
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--jitter", type=float, default=0.5, help="noise, as a fraction of the median NN distance")
     parser.add_argument("--threads", type=int, default=1, help="FAISS threads while searching (one per request)")
-    parser.add_argument("--out", default="scaling.json")
+    add_io_args(parser, "scaling.json")
     args = parser.parse_args(argv)
 
     bundle = load_bundle(args.index, verify=False)

@@ -16,7 +16,7 @@ import psutil
 
 from cbmir.client import RetrievalClient, build_request
 
-from .common import closed_loop, environment, mednist_jpegs, percentiles, write_result
+from .common import add_io_args, closed_loop, environment, mednist_jpegs, percentiles, write_result
 from .latency import start_server
 
 
@@ -73,13 +73,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--warmup", type=int, default=400)
     parser.add_argument("--max-seconds", type=float, default=600)
     parser.add_argument("--workers", type=int, default=8)
-    parser.add_argument("--out", default="soak.json")
+    add_io_args(parser, "soak.json")
     args = parser.parse_args(argv)
 
     from cbmir.index_build import load_bundle
 
     ids = load_bundle(args.index, verify=False).ids
-    payloads = mednist_jpegs(64)
+    payloads = mednist_jpegs(64, path=args.mednist)
     log_path = Path("logs") / "soak-server.log"
     log_path.parent.mkdir(exist_ok=True)
     proc, target = start_server(args.index, log_path, args.workers)

@@ -19,7 +19,7 @@ from cbmir.extractors.imaging import decode_image
 from cbmir.index_build import load_bundle
 from cbmir.server.search_engine import SearchEngine
 
-from .common import environment, mednist_jpegs, write_result
+from .common import add_io_args, environment, mednist_jpegs, write_result
 from .reference_pipeline import ReferencePipeline
 
 
@@ -40,10 +40,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--baseline-images", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default="throughput.json")
+    add_io_args(parser, "throughput.json")
     args = parser.parse_args(argv)
 
-    images = [decode_image(b) for b in mednist_jpegs(args.images)]
+    images = [decode_image(b) for b in mednist_jpegs(args.images, path=args.mednist)]
     baseline = ReferencePipeline(archive_size=1)
     base_rate = timed_rate(lambda: baseline.throughput(images[: args.baseline_images]), args.baseline_images,
                            args.repeats)

@@ -203,7 +203,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_cross_validate(args: argparse.Namespace) -> int:
-    from cbmir.benchmarks.cross_validation import cross_validate
+    from cbmir.evaluation.cross_validation import cross_validate
 
     archive, data = _labelled_images(args)
     t0 = time.perf_counter()
@@ -225,7 +225,7 @@ def cmd_cross_validate(args: argparse.Namespace) -> int:
     doc["config"].update(
         archive=archive.source, total_s=round(time.perf_counter() - t0, 1), command=" ".join(["cbmir", *sys.argv[1:]])
     )
-    from cbmir.index_build.build import cpu_model
+    from cbmir.machine import cpu_model
 
     doc["config"]["cpu"] = cpu_model()
     if args.json:
@@ -237,7 +237,7 @@ def cmd_cross_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from cbmir.benchmarks.retrieval_quality import evaluate
+    from cbmir.evaluation.protocols import evaluate
     from cbmir.index_build import load_bundle, open_archive
 
     if args.cv_folds:

@@ -20,6 +20,7 @@ from cbmir.checksums import sha256_pixels
 from cbmir.errors import InvalidInputError
 from cbmir.extractors import Extractor, create_extractor, resolve_device
 from cbmir.extractors.imaging import DEFAULT_WINDOWS
+from cbmir.machine import cpu_model
 
 from .archive import Archive, ImageRecord
 from .bundle import RECORDS, BundleWriter, update_lock
@@ -271,18 +272,6 @@ def build_bundle(
         timings=timings,
         images_per_s={n: method_info[n]["images_per_s"] for n in methods},
     )
-
-
-def cpu_model() -> str:
-    """CPU model name from /proc/cpuinfo where available."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _without(config: dict[str, Any], key: str) -> dict[str, Any]:

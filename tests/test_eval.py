@@ -2,8 +2,8 @@ import json
 
 import numpy as np
 
-from cbmir.benchmarks.metrics import precision_at_k
-from cbmir.benchmarks.retrieval_quality import evaluate
+from cbmir.evaluation.metrics import precision_at_k
+from cbmir.evaluation.protocols import evaluate
 from cbmir.cli import main
 from cbmir.index_build import load_bundle
 from cbmir.server.search_engine import SearchEngine

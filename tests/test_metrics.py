@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from cbmir.benchmarks.metrics import average_precision_at_k, mean_precision_at_k, precision_at_k, seed_map
+from cbmir.evaluation.metrics import average_precision_at_k, mean_precision_at_k, precision_at_k, seed_map
 
 
 def test_precision_at_k_on_hand_made_ranking():

@@ -155,7 +155,7 @@ def test_multiscale_descriptor_concatenates_stage_features(trained) -> None:
 
 
 def test_cross_validation_queries_every_image_once_without_its_patient(unifesp_subset) -> None:
-    from cbmir.benchmarks.cross_validation import cross_validate
+    from cbmir.evaluation.cross_validation import cross_validate
     from cbmir.index_build import open_archive
     from cbmir.training.dataset import decode_archive
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cbmir.benchmarks.metrics import seed_map
+from cbmir.evaluation.metrics import seed_map
 from cbmir.errors import InvalidInputError
 from cbmir.extractors.cnn import CHECKPOINT_FORMAT, DEFAULT_MODEL, OFFLINE_WEIGHTS, CNNExtractor
 from cbmir.extractors.imaging import resize_batch

@@ -37,7 +37,7 @@ from cbmir.training import TrainConfig, group_kfold, save_checkpoint, train_extr
 from cbmir.training.splits import group_codes
 from cbmir.training.dataset import LabelledImages, balanced_subsample
 
-from .retrieval_quality import K, parse_method, score_rankings
+from .protocols import K, parse_method, score_rankings
 
 log = logging.getLogger("cbmir.cv")
 

@@ -1,7 +1,6 @@
-"""Markdown tables from the committed result files.
+"""Markdown tables of retrieval quality from ``cbmir eval --json`` result files.
 
-    python -m cbmir.benchmarks.report > docs/RESULTS.md                          # retrieval quality vs the paper
-    python -m cbmir.benchmarks.report --bench > benchmarks/results/SUMMARY.md    # latency, throughput, scaling
+    python -m cbmir.evaluation.report --results docs/results > docs/RESULTS.md
 """
 
 from __future__ import annotations
@@ -9,7 +8,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .common import REPO
 
 PAPER = {  # Barać (2021), mAP = mean of P@1..P@10, on the authors' private 8,000 test queries
     "bovw": {"region": 0.7097, "modality": 0.8576, "both": 0.7022},
@@ -67,42 +65,6 @@ def build_table(cfg: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def bench_summary() -> str:
-    res = REPO / "benchmarks" / "results"
-    out = ["# Benchmark summary", ""]
-    if (res / "latency.json").exists():
-        doc = json.loads((res / "latency.json").read_text())
-        meta = doc["meta"]
-        out += [f"## Latency (gRPC end to end, {meta['archive_count']} images, top-10; {meta['cpu']}, "
-                f"commit {meta['git_commit'][:10]})", "",
-                f"Reference pipeline p50 {meta['baseline']['p50_ms']:.1f} ms ({meta['baseline']['pipeline']}).", "",
-                "| method | concurrency | requests | p50 ms | p95 ms | p99 ms | req/s | x reference p50 | stages (median ms) |",
-                "|---|---|---|---|---|---|---|---|---|"]
-        for r in doc["runs"]:
-            stages = ", ".join(f"{k} {v}" for k, v in r["stages_ms"].items())
-            out.append(f"| {r['method']} | {r['concurrency']} | {r['requests']} | {r['p50_ms']} | {r['p95_ms']} "
-                       f"| {r['p99_ms']} | {r['throughput_rps']} | {r['speedup_p50']} | {stages} |")
-        out.append("")
-    if (res / "throughput.json").exists():
-        doc = json.loads((res / "throughput.json").read_text())
-        out += ["## Throughput (offline extraction, batched)", "",
-                "| extractor | bundle | device | images/s | reference images/s | x reference |", "|---|---|---|---|---|---|"]
-        for r in doc["runs"]:
-            out.append(f"| {r['extractor']} | {Path(r.get('bundle', '')).name} | {r['device']} | {r['images_per_s']} "
-                       f"| {r['baseline_images_per_s']} | {r['speedup']} |")
-        out.append("")
-    if (res / "scaling.json").exists():
-        doc = json.loads((res / "scaling.json").read_text())
-        out += ["## Scaling (one query, one thread; recall@10 vs exact)", "", "![scaling](scaling.png)", "",
-                "| n | index | setting | p50 ms | p99 ms | recall@10 | memory MiB | build s |",
-                "|---|---|---|---|---|---|---|---|"]
-        for r in doc["runs"]:
-            setting = ", ".join(f"{k}={v}" for k, v in r["params"].items() if k in ("nprobe", "efSearch"))
-            out.append(f"| {r['n']} | {r['index_type']} | {setting} | {r['p50_ms']} | {r['p99_ms']} "
-                       f"| {r['recall_at_10']} | {r['memory_bytes'] / 2**20:.1f} | {r['build_s']} |")
-    return "\n".join(out) + "\n"
-
-
 CV_DATASETS = (("unifesp-cv.json", ("label",)), ("mednist-cv.json", ("body_region", "modality", "label")))
 
 
@@ -133,13 +95,12 @@ def cv_table(path: Path, relevances: tuple[str, ...]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    import sys
+def main(argv: list[str] | None = None) -> None:
+    import argparse
 
-    if "--bench" in sys.argv[1:]:
-        print(bench_summary(), end="")
-        return
-    results = REPO / "docs" / "results"
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", default="docs/results", help="folder of eval result JSON files")
+    results = Path(parser.parse_args(argv).results)
     print("# Retrieval quality\n")
     print("Seed mAP = mean over queries of mean(P@1..P@10), the reference paper's mAP; in brackets the paper's own")
     print("figure for the same method and relevance on its private data. AP@10 = standard average precision at 10.\n")
