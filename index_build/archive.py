@@ -8,6 +8,7 @@ without one, from the parent folder's name.
 
 from __future__ import annotations
 
+import copy
 import csv
 import os
 import zipfile
@@ -18,9 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from cbmir.errors import InvalidInputError, NotFoundError
-from cbmir.extractors.imaging import decode_dicom, decode_image, is_dicom, to_unit_gray
+from cbmir.extractors.imaging import NO_WINDOWS, DicomWindows, decode_dicom, decode_image, is_dicom, to_unit_gray
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".bmp"}
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".bmp"})
 
 
 @dataclass(frozen=True)
@@ -43,11 +44,26 @@ class ImageRecord:
 
 
 class Archive:
-    """Base class: ``entries`` plus :meth:`load`, which decodes entry ``i`` or raises InvalidInputError."""
+    """Base class: ``entries`` plus :meth:`load`, which decodes entry ``i`` or raises InvalidInputError.
 
-    def __init__(self, entries: list[ArchiveEntry], source: str) -> None:
+    DICOM files without a VOI window of their own are decoded with :attr:`windows` (see :func:`with_windows`).
+    """
+
+    def __init__(self, entries: list[ArchiveEntry], source: str, windows: DicomWindows = NO_WINDOWS) -> None:
         self.entries = entries
         self.source = source
+        self.windows = windows
+
+    def with_windows(self, windows: DicomWindows) -> Archive:
+        """The same archive, decoding DICOM files with ``windows`` (e.g. the windows of the bundle it feeds)."""
+        clone = copy.copy(self)
+        clone.windows = windows
+        return clone
+
+    def _decode(self, data: bytes, uri: str) -> tuple[np.ndarray, dict[str, str]]:
+        if is_dicom(data):
+            return decode_dicom(data, source=uri, windows=self.windows)
+        return decode_image(data, source=uri), {}
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -69,17 +85,14 @@ class Archive:
 
 class _Subset(Archive):
     def __init__(self, parent: Archive, indices: Sequence[int]) -> None:
-        super().__init__([parent.entries[i] for i in indices], parent.source)
+        super().__init__([parent.entries[i] for i in indices], parent.source, parent.windows)
         self._parent, self._indices = parent, list(indices)
+
+    def with_windows(self, windows: DicomWindows) -> Archive:
+        return _Subset(self._parent.with_windows(windows), self._indices)
 
     def load(self, index: int) -> ImageRecord:
         return self._parent.load(self._indices[index])
-
-
-def _decode_file_bytes(data: bytes, source: str) -> tuple[np.ndarray, dict[str, str]]:
-    if is_dicom(data):
-        return decode_dicom(data, source=source)
-    return decode_image(data, source=source), {}
 
 
 def read_labels_csv(path: str | os.PathLike[str]) -> dict[str, dict[str, str]]:
@@ -120,7 +133,7 @@ class FolderArchive(Archive):
             data = (self.root / entry.id).read_bytes()
         except OSError as exc:
             raise InvalidInputError(f"{entry.uri}: cannot read file ({exc})") from exc
-        image, header = _decode_file_bytes(data, entry.uri)
+        image, header = self._decode(data, entry.uri)
         return ImageRecord(entry.id, entry.uri, image, {**header, **entry.metadata})
 
 
@@ -152,7 +165,7 @@ class ZipArchive(Archive):
             data = self._zip.read(entry.id)
         except (OSError, zipfile.BadZipFile, KeyError) as exc:
             raise InvalidInputError(f"{entry.uri}: cannot read zip member ({exc})") from exc
-        image, header = _decode_file_bytes(data, entry.uri)
+        image, header = self._decode(data, entry.uri)
         return ImageRecord(entry.id, entry.uri, image, {**header, **entry.metadata})
 
 
@@ -187,8 +200,17 @@ class NpzArchive(Archive):
         return ImageRecord(entry.id, entry.uri, to_unit_gray(self._arrays[split][int(row)]), dict(entry.metadata))
 
 
-def open_archive(path: str | os.PathLike[str], labels: str | os.PathLike[str] | None = None) -> Archive:
-    """Open a folder, a .zip or an .npz; a ``labels.csv`` beside (zip) or inside (folder) is used by default."""
+def open_archive(
+    path: str | os.PathLike[str], labels: str | os.PathLike[str] | None = None, *, windows: DicomWindows = NO_WINDOWS
+) -> Archive:
+    """Open a folder, a .zip or an .npz; a ``labels.csv`` beside (zip) or inside (folder) is used by default.
+
+    ``windows``: default VOI windows for DICOM files that carry none (recorded in a bundle built from it).
+    """
+    return _open_archive(path, labels).with_windows(windows)
+
+
+def _open_archive(path: str | os.PathLike[str], labels: str | os.PathLike[str] | None) -> Archive:
     p = Path(path)
     if not p.exists():
         raise NotFoundError(f"archive {p} does not exist; pass --images with a folder, .zip or .npz")

@@ -19,7 +19,6 @@ from tqdm import tqdm
 from cbmir.checksums import sha256_pixels
 from cbmir.errors import InvalidInputError
 from cbmir.extractors import Extractor, create_extractor, resolve_device
-from cbmir.extractors.imaging import DEFAULT_WINDOWS
 from cbmir.machine import cpu_model
 
 from .archive import Archive, ImageRecord
@@ -259,7 +258,7 @@ def build_bundle(
                 "host": platform.node(),
                 "platform": platform.platform(),
                 "processor": cpu_model(),
-                "dicom_windows": {k: list(v) for k, v in DEFAULT_WINDOWS.items()},
+                "dicom_windows": {k: list(v) for k, v in archive.windows.items()},
                 "torch": torch.__version__,
                 "timings_s": {k: round(v, 3) for k, v in timings.items()},
             },

@@ -35,8 +35,9 @@ import numpy as np
 
 from cbmir import __version__
 from cbmir.checksums import sha256_file
-from cbmir.errors import BundleError, NotFoundError
+from cbmir.errors import BundleError, CbmirError, NotFoundError
 from cbmir.extractors import Extractor, extractor_class
+from cbmir.extractors.imaging import DicomWindows, dicom_windows
 
 from .index_types import FAISS_METRICS, apply_search_params
 
@@ -259,6 +260,14 @@ class Bundle:
     @property
     def version(self) -> str:
         return str(self.manifest.get("version", self.path.name))
+
+    @property
+    def dicom_windows(self) -> DicomWindows:
+        """The default VOI windows this bundle's DICOM files were decoded with; queries and adds use the same."""
+        try:
+            return dicom_windows(self.manifest.get("build", {}).get("dicom_windows"))
+        except CbmirError as exc:
+            raise BundleError(f"{self.path / MANIFEST}: build.dicom_windows: {exc}") from exc
 
     def record_metadata(self, row: int) -> dict[str, str]:
         return {k: v[row] for k, v in self.metadata.items() if v[row] != ""}

@@ -12,6 +12,8 @@ filters stay exact whatever the index.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 import faiss
@@ -20,7 +22,9 @@ import numpy as np
 from cbmir.errors import InvalidInputError
 
 INDEX_TYPES = ("flat", "ivf", "hnsw", "sq8", "ivfpq", "itq")
-FAISS_METRICS = {"l2": faiss.METRIC_L2, "l1": faiss.METRIC_L1, "cosine": faiss.METRIC_INNER_PRODUCT}
+FAISS_METRICS: Mapping[str, int] = MappingProxyType(
+    {"l2": faiss.METRIC_L2, "l1": faiss.METRIC_L1, "cosine": faiss.METRIC_INNER_PRODUCT}
+)
 AUTO_FLAT_MAX = 200_000
 """Up to this many vectors ``auto`` keeps exact flat search (about 5 ms per query on one core at 128-d)."""
 

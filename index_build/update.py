@@ -20,7 +20,6 @@ import faiss
 import numpy as np
 
 from cbmir.errors import InvalidInputError, NotFoundError
-from cbmir.extractors.imaging import set_default_windows
 
 from .archive import Archive, ImageRecord
 from .build import extract_archive, records_columns
@@ -90,12 +89,6 @@ def _publish(
         return writer.commit(manifest)
 
 
-def use_bundle_windows(bundle: Bundle) -> None:
-    """Decode DICOM files with the default windows the bundle was built with, so new rows match old ones."""
-    windows = bundle.manifest.get("build", {}).get("dicom_windows") or {}
-    set_default_windows({k: (float(c), float(w)) for k, (c, w) in windows.items()})
-
-
 def add_to_bundle(
     root: str | os.PathLike[str],
     archive: Archive,
@@ -117,7 +110,7 @@ def add_to_bundle(
         raise InvalidInputError(f"archive {archive.source} holds no images")
     with update_lock(root):
         bundle = load_bundle(root)
-        use_bundle_windows(bundle)
+        archive = archive.with_windows(bundle.dicom_windows)  # new rows decode like the old ones
         extractors = {name: m.restore_extractor(device) for name, m in bundle.methods.items()}
         hashes = bundle.content_hashes
         if not any(hashes):

@@ -16,6 +16,7 @@ import numpy as np
 
 from cbmir.errors import InvalidInputError
 from cbmir.extractors import Extractor
+from cbmir.extractors.imaging import DEFAULT_MAX_PIXELS, decode_image
 from cbmir.index_build.bundle import Bundle, MethodIndex
 from cbmir.index_build.index_types import FAISS_METRICS
 from cbmir.timing import stage
@@ -45,6 +46,7 @@ class SearchEngine:
     def __init__(self, bundle: Bundle, device: str = "auto", extractors: Mapping[str, Extractor] | None = None) -> None:
         self.bundle = bundle
         self.device = device
+        self.windows = bundle.dicom_windows
         self._extractors: dict[str, Extractor] = dict(extractors or {})
         self._lock = threading.Lock()
         self._values: dict[str, dict[str, np.ndarray]] = {}
@@ -80,6 +82,10 @@ class SearchEngine:
     def warmup(self) -> None:
         for name in self.methods:
             self.extractor(name).warmup()
+
+    def decode(self, data: bytes, *, source: str = "query image", max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+        """A query image's bytes decoded as this bundle's archive was (its DICOM windows), 2-D float32 in [0, 1]."""
+        return decode_image(data, source=source, max_pixels=max_pixels, windows=self.windows)
 
     def describe(self, name: str, images: Sequence[np.ndarray]) -> np.ndarray:
         """Searchable descriptors (Q, dim) of query images for one method."""

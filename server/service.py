@@ -19,9 +19,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from cbmir.errors import InvalidInputError, NotFoundError, NotReadyError, OverloadedError
-from cbmir.extractors.imaging import DEFAULT_MAX_PIXELS, decode_image, pixels_from_buffer
+from cbmir.extractors.imaging import DEFAULT_MAX_PIXELS, pixels_from_buffer
 from cbmir.index_build.bundle import load_bundle, resolve_version_dir
-from cbmir.index_build.update import use_bundle_windows
 from cbmir.timing import add_stages, recording, stage
 from cbmir.v1 import retrieval_pb2 as pb
 from cbmir.v1 import retrieval_pb2_grpc as pb_grpc
@@ -163,7 +162,6 @@ class RetrievalService(pb_grpc.RetrievalServicer):
             if old is not None and resolve_version_dir(self.config.index) == old.bundle.path:
                 return False
             engine = SearchEngine(load_bundle(self.config.index), device=self.config.device)
-            use_bundle_windows(engine.bundle)
             engine.warmup()
             batchers: dict[str, MicroBatcher] = {}
             if self.config.micro_batch > 0:
@@ -298,7 +296,7 @@ class RetrievalService(pb_grpc.RetrievalServicer):
             raise InvalidInputError("empty request: set one of image, pixels, archive_id or vector")
         if kind == "image":
             with stage("decode"):
-                plan.image = decode_image(request.image, source="query image", max_pixels=self.config.max_pixels)
+                plan.image = engine.decode(request.image, max_pixels=self.config.max_pixels)
         elif kind == "pixels":
             p = request.pixels
             if p.width * p.height > self.config.max_pixels:

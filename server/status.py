@@ -20,7 +20,7 @@ from cbmir.errors import (
 
 log = logging.getLogger("cbmir.server")
 
-STATUS_OF: list[tuple[type[BaseException], grpc.StatusCode]] = [
+STATUS_OF: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT),
     (NotFoundError, grpc.StatusCode.NOT_FOUND),
     (OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
@@ -28,7 +28,7 @@ STATUS_OF: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (BundleError, grpc.StatusCode.FAILED_PRECONDITION),
     (UnauthenticatedError, grpc.StatusCode.UNAUTHENTICATED),
     (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
-]
+)
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:

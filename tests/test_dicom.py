@@ -11,7 +11,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from cbmir.extractors.imaging import DEFAULT_WINDOWS, decode_dicom, set_default_windows
+from cbmir.extractors.imaging import decode_dicom, dicom_windows
 from tests.test_imaging import dicom_data_dir, synthetic_dicom
 
 
@@ -79,16 +79,51 @@ def test_colour_and_palette_files_become_luminance() -> None:
 def test_default_window_per_modality_applies_only_without_a_file_window() -> None:
     pixels = np.array([[0, 1000], [1040, 1240]], dtype=np.uint16)
     ct = synthetic_dicom(pixels, "MONOCHROME2", Modality="CT", RescaleSlope=1, RescaleIntercept=-1024)
-    try:
-        set_default_windows({"CT": (40, 400)})
-        image, _ = decode_dicom(ct)  # HU -1024, -24, 16, 216 through a 40/400 window [-160, 240]
-        np.testing.assert_allclose(image, [[0.0, 136 / 400], [176 / 400, 376 / 400]], atol=1e-6)
-        windowed = synthetic_dicom(pixels, "MONOCHROME2", Modality="CT", WindowCenter=600, WindowWidth=1201)
-        own, _ = decode_dicom(windowed)
-        assert own[0, 0] == 0.0 and own[1, 1] == 1.0  # the file's window wins, then the stretch
-    finally:
-        set_default_windows({})
-    assert DEFAULT_WINDOWS == {}
+    windows = dicom_windows({"ct": (40, 400)})
+    image, _ = decode_dicom(ct, windows=windows)  # HU -1024, -24, 16, 216 through a 40/400 window [-160, 240]
+    np.testing.assert_allclose(image, [[0.0, 136 / 400], [176 / 400, 376 / 400]], atol=1e-6)
+    stretched, _ = decode_dicom(ct)  # no windows given: min-max stretch
+    np.testing.assert_allclose(stretched, [[0.0, 1000 / 1240], [1040 / 1240, 1.0]], atol=1e-6)
+    windowed = synthetic_dicom(pixels, "MONOCHROME2", Modality="CT", WindowCenter=600, WindowWidth=1201)
+    own, _ = decode_dicom(windowed, windows=windows)
+    assert own[0, 0] == 0.0 and own[1, 1] == 1.0  # the file's window wins, then the stretch
+
+
+def test_two_bundles_with_different_windows_decode_one_dicom_differently_at_once(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cbmir.index_build import build_bundle, load_bundle, open_archive
+    from cbmir.server.search_engine import SearchEngine
+
+    ramp = (np.arange(64 * 64).reshape(64, 64) % 1400).astype(np.uint16)  # HU -1024 .. 375
+    (tmp_path / "ct").mkdir()
+    for i in range(3):
+        (tmp_path / "ct" / f"{i}.dcm").write_bytes(
+            synthetic_dicom(np.roll(ramp, 7 * i, axis=1), "MONOCHROME2", Modality="CT", RescaleSlope=1,
+                            RescaleIntercept=-1024))
+    specs = {"soft": {"CT": (40, 400)}, "lung": {"CT": (-600, 1500)}}
+    engines = {}
+    for name, windows in specs.items():
+        build_bundle(open_archive(tmp_path / "ct", windows=dicom_windows(windows)), tmp_path / name, {"hog": {}},
+                     device="cpu", progress=False)
+        engines[name] = SearchEngine(load_bundle(tmp_path / name), device="cpu")
+        assert dict(engines[name].windows) == {"CT": tuple(float(v) for v in windows["CT"])}
+    query = (tmp_path / "ct" / "1.dcm").read_bytes()
+    hu = ramp.astype(np.float32) - 1024
+    expected = {name: np.clip((hu - (c - w / 2)) / w, 0, 1) for name, ((c, w),) in
+                ((n, tuple(s.values())) for n, s in specs.items())}
+    expected = {n: np.roll(e, 7, axis=1) for n, e in expected.items()}
+    jobs = [name for _ in range(40) for name in specs]
+    with ThreadPoolExecutor(8) as pool:
+        decoded = list(pool.map(lambda name: engines[name].decode(query), jobs))
+    for name, image in zip(jobs, decoded):
+        np.testing.assert_allclose(image, expected[name], atol=1e-6)
+    assert not np.allclose(expected["soft"], expected["lung"])
+    # each bundle's stored descriptor of that file is its own engine's description of the query
+    for name, engine in engines.items():
+        row = engine.bundle.row_of["1.dcm"]
+        np.testing.assert_allclose(engine.describe("hog", [engine.decode(query)])[0],
+                                   engine.method("hog").descriptors[row], atol=1e-5)
 
 
 def test_dicom_folder_build_keeps_header_metadata_as_filters(tmp_path: Path) -> None:
