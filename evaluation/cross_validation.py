@@ -177,6 +177,7 @@ def cross_validate(
                     ckpt = save_checkpoint(result, Path(tmp) / "fold.pt")
                     ms = CNNExtractor(model=train_config.model, weights=str(ckpt), image_size=train_config.image_size,
                                       stages=multiscale_stages, pca_dim=min(multiscale_dim, n), device=device)
+                    ms.load_pretrained()
                 t0 = time.perf_counter()
                 learned["multiscale"] = _method_index("multiscale", "cnn", _describe(ms, data.images), "l2")
                 info["multiscale_describe_s"] = round(time.perf_counter() - t0, 1)

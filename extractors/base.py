@@ -9,30 +9,72 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from cbmir.errors import InvalidInputError
+
 METRICS = ("l2", "l1", "cosine")
 """Distance of a descriptor: Euclidean, L1 (city block), or cosine distance (1 - cosine similarity)."""
 
 
-def resolve_device(device: str) -> torch.device:
-    """Map ``auto`` to CUDA when present, otherwise CPU; pass ``cpu``/``cuda``/``cuda:N`` through."""
+DEVICES = ("auto", "cpu", "cuda")
+"""Device choices of every command: ``auto`` is CUDA when present, otherwise CPU."""
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """Map ``auto`` to CUDA when present, otherwise CPU; pass ``cpu``/``cuda``/``cuda:N`` through.
+
+    Raises:
+        InvalidInputError: CUDA was asked for on a machine without it, or the name is not a device.
+    """
+    if isinstance(device, torch.device):
+        return device
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but CUDA is not available; use --device auto or cpu")
-    return torch.device(device)
+        raise InvalidInputError("device 'cuda' requested but CUDA is not available; use --device auto or cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        raise InvalidInputError(f"unknown device {device!r}; use one of {', '.join(DEVICES)}") from exc
 
 
 class Extractor(abc.ABC):
     """Turns a batch of 2-D float32 images in [0, 1] into descriptor rows.
 
-    Lifecycle in an index build: :meth:`fit` on a sample (only when :attr:`needs_fit`), :meth:`extract` on every
-    batch, then :meth:`fit_archive` once on the stacked raw descriptors. :meth:`transform` maps raw descriptors
-    (archive or query) to the searchable form. :meth:`state` and :meth:`load_state` persist what was fitted.
+    The contract every extractor fulfils:
+
+    - ``name`` (set by the registry), ``metric`` (one of :data:`METRICS`), :attr:`dim`, :attr:`device`;
+    - ``__init__`` takes the JSON configuration (:meth:`config`) plus ``device`` and does no I/O: pretrained
+      weights are read by :meth:`load_pretrained`, which :func:`~cbmir.extractors.create_extractor` calls;
+    - lifecycle in an index build: :meth:`fit` on a sample (only when :attr:`needs_fit`), :meth:`extract` on every
+      batch, then :meth:`fit_archive` once on the stacked raw descriptors. :meth:`transform` maps raw descriptors
+      (archive or query) to the searchable form;
+    - :meth:`state` / :meth:`load_state` persist everything fitted or loaded (:meth:`restore` rebuilds from them
+      without touching the original weight files);
+    - :attr:`can_classify`, :attr:`classes` and :meth:`class_probabilities` for extractors with a class head.
     """
 
     name: ClassVar[str] = ""
     metric: ClassVar[str] = "l2"
     needs_fit: ClassVar[bool] = False
+    device: torch.device
+    classes: list[str] | None = None
+    training: dict[str, Any] | None = None
+    """How a fine-tuned extractor was trained (``label_field``, history); None for pretrained ones."""
+
+    def __init__(self, device: str = "auto") -> None:
+        self.device = resolve_device(device)
+
+    def load_pretrained(self) -> None:
+        """Read what the configuration names from outside the bundle (e.g. network weights); no-op by default."""
+
+    @property
+    def can_classify(self) -> bool:
+        """True when :meth:`class_probabilities` works (a fine-tuned classification head is loaded)."""
+        return False
+
+    def class_probabilities(self, raw: np.ndarray) -> np.ndarray:
+        """Class probabilities (N, C) from raw descriptors (N, D_raw); columns follow :attr:`classes`."""
+        raise InvalidInputError(f"extractor {self.name!r} has no classification head; fine-tune with `cbmir train`")
 
     @property
     @abc.abstractmethod
@@ -70,7 +112,7 @@ class Extractor(abc.ABC):
 
     @classmethod
     def restore(cls, config: dict[str, Any], state: dict[str, np.ndarray], device: str = "auto") -> Extractor:
-        """Rebuild a fitted extractor from a bundle's config and state."""
+        """Rebuild a fitted extractor from a bundle's config and state (no pretrained weights are read)."""
         extractor = cls(**config, device=device)
         extractor.load_state(state)
         return extractor

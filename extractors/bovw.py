@@ -65,6 +65,7 @@ class BoVWExtractor(Extractor):
     ) -> None:
         if words < 2:
             raise InvalidInputError(f"words must be at least 2, got {words}")
+        super().__init__("cpu")  # OpenCV SIFT and FAISS k-means run on the CPU whatever the device asked for
         self.words, self.image_size, self.max_keypoints = int(words), int(image_size), int(max_keypoints)
         self.kmeans_iters, self.kmeans_restarts = int(kmeans_iters), int(kmeans_restarts)
         self.max_points_per_centroid, self.seed = int(max_points_per_centroid), int(seed)

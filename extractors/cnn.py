@@ -20,7 +20,7 @@ from cbmir.checksums import sha256_file
 from cbmir.errors import InvalidInputError
 from cbmir.timing import stage
 
-from .base import Extractor, resolve_device
+from .base import Extractor
 from .imaging import resize_batch
 from .registry import register_extractor
 
@@ -52,6 +52,13 @@ def offline_weights_path(model: str) -> str:
 
 
 CHECKPOINT_FORMAT = "cbmir-finetuned/1"
+
+
+def timm_data_config(net: torch.nn.Module) -> dict[str, Any]:
+    """timm's input normalisation (mean, std) for a network."""
+    import timm.data
+
+    return dict(timm.data.resolve_data_config(model=net))
 
 
 def read_weights_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -143,10 +150,9 @@ class CNNExtractor(Extractor):
         classes: Sequence[str] | None = None,
         training: dict[str, Any] | None = None,
     ) -> None:
-        import timm
-
         if image_size < 16:
             raise InvalidInputError(f"image_size must be at least 16, got {image_size}")
+        super().__init__(device)
         self.model_name = model
         self.weights = weights
         self.image_size = int(image_size)
@@ -154,32 +160,46 @@ class CNNExtractor(Extractor):
         self.pca_dim = int(pca_dim)
         self.whiten = bool(whiten)
         self.l2_normalize = bool(l2_normalize)
-        self.device = resolve_device(device)
         self.classes = list(classes) if classes else None
         self.training = training
         cpu_batch = max(1, (16 * 128 * 128) // (self.image_size * self.image_size))
         self.forward_batch = forward_batch or (256 if self.device.type == "cuda" else cpu_batch)
-        kwargs: dict[str, Any] = {"features_only": True, "out_indices": self.stages} if self.stages else {}
-        try:
-            net = timm.create_model(model, pretrained=(weights == "timm"), num_classes=0, **kwargs)
-        except (RuntimeError, IndexError, AssertionError) as exc:
-            raise InvalidInputError(f"cannot create timm model {model!r} with stages {self.stages}: {exc}") from exc
         self.weights_sha256 = weights_sha256
-        extras: dict[str, Any] = {}
-        if weights not in ("timm", "random"):
-            path = offline_weights_path(model) if weights == OFFLINE_WEIGHTS else weights
-            state, extras = read_weights_file(path)
-            load_weights_into(net, state, path)
-            self.weights_sha256 = sha256_file(path)
-        data_cfg = timm.data.resolve_data_config(model=net)
+        net = self._create_network(pretrained=False)
+        data_cfg = timm_data_config(net)
         self._mean = torch.tensor(data_cfg["mean"], dtype=torch.float32).view(1, 3, 1, 1).to(self.device)
         self._std = torch.tensor(data_cfg["std"], dtype=torch.float32).view(1, 3, 1, 1).to(self.device)
-        net = net.eval().to(self.device).to(memory_format=torch.channels_last)
-        self.net = net
+        self.net = net.eval().to(self.device).to(memory_format=torch.channels_last)
         self.raw_dim = int(sum(net.feature_info.channels())) if self.stages else int(net.num_features)
         self._pca_mean: np.ndarray | None = None
         self._pca_matrix: np.ndarray | None = None
         self._head: tuple[np.ndarray, np.ndarray] | None = None
+
+    def _create_network(self, *, pretrained: bool) -> torch.nn.Module:
+        import timm
+
+        kwargs: dict[str, Any] = {"features_only": True, "out_indices": self.stages} if self.stages else {}
+        try:
+            return timm.create_model(self.model_name, pretrained=pretrained, num_classes=0, **kwargs)
+        except (RuntimeError, IndexError, AssertionError) as exc:
+            raise InvalidInputError(
+                f"cannot create timm model {self.model_name!r} with stages {self.stages}: {exc}; "
+                "check --model (any timm model name)"
+            ) from exc
+
+    def load_pretrained(self) -> None:
+        """Load ``weights``: the offline ImageNet package, timm's download, or a file (with a checkpoint's head,
+        classes and training configuration); ``random`` keeps the initialisation."""
+        if self.weights == "random":
+            return
+        if self.weights == "timm":
+            source = self._create_network(pretrained=True)
+            self.net.load_state_dict(source.state_dict(), strict=True)
+            return
+        path = offline_weights_path(self.model_name) if self.weights == OFFLINE_WEIGHTS else self.weights
+        state, extras = read_weights_file(path)
+        load_weights_into(self.net, {k: v.to(self.device) for k, v in state.items()}, path)
+        self.weights_sha256 = sha256_file(path)
         if extras:
             self.training = extras.get("training")
             self.classes = list(extras.get("classes") or []) or None
@@ -311,7 +331,6 @@ class CNNExtractor(Extractor):
     @classmethod
     def restore(cls, config: dict[str, Any], state: dict[str, np.ndarray], device: str = "auto") -> CNNExtractor:
         """Rebuild from a bundle: the network weights come from the bundle's state, not the original file."""
-        extractor = cls(**{**config, "weights": "random"}, device=device)
-        extractor.weights = config.get("weights", "random")
+        extractor = cls(**config, device=device)
         extractor.load_state(state)
         return extractor

@@ -17,7 +17,7 @@ import torch
 from cbmir.errors import InvalidInputError
 from cbmir.timing import stage
 
-from .base import Extractor, resolve_device
+from .base import Extractor
 from .imaging import resize_batch
 from .registry import register_extractor
 
@@ -89,7 +89,7 @@ class HOGExtractor(Extractor):
         if image_size // cell < block:
             raise InvalidInputError(f"image_size {image_size} holds fewer than {block} cells of {cell} pixels")
         self.image_size, self.cell, self.block, self.bins = int(image_size), int(cell), int(block), int(bins)
-        self.device = resolve_device(device)
+        super().__init__(device)
         self.batch = batch
         blocks = image_size // cell - block + 1
         self._dim = blocks * blocks * block * block * bins

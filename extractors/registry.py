@@ -18,6 +18,7 @@ from cbmir.errors import InvalidInputError
 from .base import Extractor
 
 _REGISTRY: dict[str, type[Extractor]] = {}
+"""Filled once, at import, by the built-in extractors' decorators (and a plug-in's); re-registration is refused."""
 E = TypeVar("E", bound=type[Extractor])
 
 
@@ -47,13 +48,15 @@ def extractor_class(name: str) -> type[Extractor]:
 
 
 def create_extractor(name: str, **config: Any) -> Extractor:
-    """Instantiate a registered extractor by name with its keyword configuration.
+    """Instantiate a registered extractor by name with its keyword configuration and load its pretrained state.
 
     Raises:
-        InvalidInputError: unknown name or configuration keys.
+        InvalidInputError: unknown name or configuration keys, unreadable or mismatched weights.
     """
     cls = extractor_class(name)
     try:
-        return cls(**config)
+        extractor = cls(**config)
     except TypeError as exc:
         raise InvalidInputError(f"bad configuration for extractor {name!r}: {exc}") from exc
+    extractor.load_pretrained()
+    return extractor

@@ -186,12 +186,12 @@ class SearchEngine:
     def class_predictor(self, method: str) -> tuple[Extractor, str]:
         """The method's extractor and the metadata field its classes name, for class-predicted search."""
         extractor = self.extractor(method)
-        if not getattr(extractor, "can_classify", False):
+        if not extractor.can_classify:
             raise InvalidInputError(
                 f"method {method!r} has no classification head; index a checkpoint from `cbmir train` to use "
                 "class-predicted search"
             )
-        field = (getattr(extractor, "training", None) or {}).get("label_field") or "label"
+        field = (extractor.training or {}).get("label_field") or "label"
         if field not in self._values:
             raise InvalidInputError(f"class-predicted search needs the metadata field {field!r}, absent from this index")
         return extractor, field

@@ -61,3 +61,19 @@ def test_pca_whitening_reduces_and_decorrelates():
     np.testing.assert_allclose(np.cov(out, rowvar=False), np.eye(8), atol=0.05)
     restored = CNNExtractor.restore(ex.config(), ex.state(), device="cpu")
     np.testing.assert_allclose(restored.transform(raw), out, atol=1e-4)
+
+
+def test_extractor_protocol_construction_reads_no_files_and_restore_ignores_the_weights_file(tmp_path):
+    missing = str(tmp_path / "gone.pth")
+    ex = CNNExtractor(model="test_efficientnet", weights=missing, image_size=48, device="cpu")  # no I/O here
+    assert ex.device == torch.device("cpu") and not ex.can_classify and ex.classes is None
+    with pytest.raises(InvalidInputError, match="does not exist"):
+        ex.load_pretrained()
+    trained = create_extractor("cnn", model="test_efficientnet", weights="random", image_size=48, device="cpu")
+    restored = CNNExtractor.restore({**trained.config(), "weights": missing}, trained.state(), device="cpu")
+    image = [np.random.default_rng(5).random((48, 48), dtype=np.float32)]
+    np.testing.assert_array_equal(restored.describe(image), trained.describe(image))
+    hog = create_extractor("hog", device="cpu")
+    assert hog.device == torch.device("cpu") and not hog.can_classify
+    with pytest.raises(InvalidInputError, match="no classification head"):
+        hog.class_probabilities(np.zeros((1, hog.dim), np.float32))

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from cbmir.errors import InvalidInputError
+from cbmir.extractors import create_extractor
 from cbmir.extractors.cnn import CNNExtractor
 from cbmir.training import TrainConfig, group_kfold, group_split, save_checkpoint, train_extractor
 from cbmir.training.dataset import balanced_subsample
@@ -81,7 +82,7 @@ def test_training_loss_falls_and_validation_is_patient_disjoint(trained) -> None
 def test_checkpoint_round_trips_into_an_extractor(trained) -> None:
     data, result, ckpt = trained
     images = data.images[:12]
-    loaded = CNNExtractor(weights=str(ckpt), image_size=64, device="cpu")
+    loaded = create_extractor("cnn", weights=str(ckpt), image_size=64, device="cpu")
     np.testing.assert_allclose(loaded.describe(images), result.extractor.describe(images), rtol=0, atol=1e-6)
     assert loaded.classes == result.classes and loaded.training["best_epoch"] == result.best_epoch
     raw = loaded.extract(images)
@@ -143,13 +144,13 @@ def test_class_predicted_search_stays_in_the_predicted_class(trained, finetuned_
 
 def test_multiscale_descriptor_concatenates_stage_features(trained) -> None:
     data, _, ckpt = trained
-    ms = CNNExtractor(weights=str(ckpt), image_size=64, stages=(1, 2, 3, 4), device="cpu")
+    ms = create_extractor("cnn", weights=str(ckpt), image_size=64, stages=(1, 2, 3, 4), device="cpu")
     assert ms.raw_dim == sum(ms.net.feature_info.channels()) and ms.raw_dim < 1280
     raw = ms.extract(data.images[:4])
     widths = np.cumsum([0, *ms.net.feature_info.channels()])
     for lo, hi in zip(widths[:-1], widths[1:]):
         np.testing.assert_allclose(np.linalg.norm(raw[:, lo:hi], axis=1), 1.0, atol=1e-5)
-    ms_pca = CNNExtractor(weights=str(ckpt), image_size=64, stages=(2, 4), pca_dim=16, device="cpu")
+    ms_pca = create_extractor("cnn", weights=str(ckpt), image_size=64, stages=(2, 4), pca_dim=16, device="cpu")
     ms_pca.fit_archive(ms_pca.extract(data.images[:40]))
     assert ms_pca.describe(data.images[:3]).shape == (3, 16)
 

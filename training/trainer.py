@@ -164,9 +164,9 @@ def train_extractor(
 
     seed_everything(config.seed)
     t_start = time.perf_counter()
-    extractor = CNNExtractor(
-        model=config.model, weights=config.weights, image_size=config.image_size, device=config.device
-    )
+    extractor = CNNExtractor(model=config.model, weights=config.weights, image_size=config.image_size,
+                             device=config.device)
+    extractor.load_pretrained()
     device = extractor.device
     net = extractor.net
     frozen = _freeze(net, config.freeze_blocks)
