@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from cbmir.errors import CbmirError, InvalidInputError
+from cbmir.options import DEVICE_CHOICES, HelpFormatter, add_options, from_options
 
 log = logging.getLogger("cbmir")
 
@@ -119,7 +120,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from cbmir.training import save_checkpoint, train_extractor
+    from cbmir.training.trainer import save_checkpoint, train_extractor
 
     archive, data = _labelled_images(args)
     labels = data.column(args.label_field)
@@ -176,36 +177,13 @@ def _markdown_table(results: list[dict[str, Any]]) -> str:
 def _train_config(args: argparse.Namespace) -> Any:
     from cbmir.training import TrainConfig
 
-    return TrainConfig(
-        model=args.model,
-        weights=args.weights,
-        image_size=args.image_size,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        freeze_blocks=args.freeze_blocks,
-        supcon_weight=args.supcon_weight,
-        val_fraction=args.val_fraction,
-        patience=args.patience,
-        hflip=args.hflip,
-        seed=args.seed,
-        device=args.device,
-    )
+    return from_options(TrainConfig, args)
 
 
-def _add_train_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tf_efficientnet_lite0", help="timm backbone")
-    p.add_argument("--weights", default="imagenet", help="starting weights: imagenet, timm, random or a file")
-    p.add_argument("--image-size", type=int, default=160, help="training (and fine-tuned indexing) input side")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--freeze-blocks", type=int, default=2, help="keep the stem and this many first blocks fixed")
-    p.add_argument("--supcon-weight", type=float, default=1.0, help="supervised contrastive loss weight")
-    p.add_argument("--val-fraction", type=float, default=0.15, help="share of patients held out for early stopping")
-    p.add_argument("--patience", type=int, default=3)
-    p.add_argument("--hflip", action="store_true", help="also mirror images (off: laterality matters)")
-    p.add_argument("--seed", type=int, default=0)
+def _add_train_flags(p: Any) -> None:
+    from cbmir.training import TrainConfig
+
+    add_options(p, TrainConfig, skip=("device",))
 
 
 def cmd_cross_validate(args: argparse.Namespace) -> int:
@@ -291,30 +269,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from cbmir.server.service import ServerConfig, serve_forever
+    from cbmir.server.config import ServerConfig
+    from cbmir.server.startup import serve_forever
 
-    config = ServerConfig(
-        index=args.index,
-        host=args.host,
-        port=args.port,
-        max_k=args.max_k,
-        max_k_prep=args.max_k_prep,
-        max_batch=args.max_batch,
-        max_pixels=args.max_pixels,
-        workers=args.workers,
-        max_concurrent=args.max_concurrent,
-        max_message_mb=args.max_message_mb,
-        device=args.device,
-        torch_threads=args.torch_threads,
-        search_threads=args.search_threads,
-        micro_batch=args.micro_batch,
-        watch_s=args.watch,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-        tls_client_ca=args.tls_client_ca,
-        tokens_file=args.tokens,
-    )
-    serve_forever(config)
+    serve_forever(from_options(ServerConfig, args))
     return 0
 
 
@@ -350,11 +308,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cbmir", description="Content-based medical image retrieval")
+    parser = argparse.ArgumentParser(prog="cbmir", description="Content-based medical image retrieval",
+                                     formatter_class=HelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    b = sub.add_parser("build", help="index an archive of images into a bundle")
+    b = sub.add_parser("build", help="index an archive of images into a bundle", formatter_class=HelpFormatter)
     b.add_argument("--images", required=True, help="folder tree, .zip of images, or .npz of arrays")
     b.add_argument("--labels", help="CSV keyed by relative path (column 'path'); default: labels.csv beside it")
     b.add_argument("--out", required=True, help="bundle directory (a new version is published atomically)")
@@ -369,33 +328,33 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--index-type", default="flat", metavar="TYPE|METHOD=TYPE,...",
                    help="FAISS index: auto (by archive size), flat, ivf, hnsw, sq8, ivfpq or itq, for every method "
                         "or per method (cnn=itq,hog=hnsw; the others stay flat)")
-    b.add_argument("--batch-size", type=int, default=64)
-    b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    b.add_argument("--batch-size", type=int, default=64, help="images decoded and described per batch")
+    b.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="where extractors run (auto: CUDA when present)")
     b.add_argument("--select", action="append", metavar="FIELD=VALUE", help="index only matching images")
-    b.add_argument("--no-progress", action="store_true")
+    b.add_argument("--no-progress", action="store_true", help="no progress bars (for logs and CI)")
     b.add_argument("--dicom-window", action="append", metavar="MODALITY=CENTRE,WIDTH",
                    help="VOI window for DICOM files without one, e.g. CT=40,400 (recorded in the bundle)")
     b.set_defaults(func=cmd_build)
 
-    a = sub.add_parser("add", help="index more images into a bundle as a new version (nothing re-extracted)")
+    a = sub.add_parser("add", help="index more images into a bundle as a new version (nothing re-extracted)", formatter_class=HelpFormatter)
     a.add_argument("--index", required=True, help="bundle directory")
     a.add_argument("--images", required=True, help="folder tree, .zip or .npz of new images")
     a.add_argument("--labels", help="labels CSV for the new images")
     a.add_argument("--select", action="append", metavar="FIELD=VALUE", help="add only matching images")
     a.add_argument("--id-prefix", default="", help="prepended to the new images' ids (keeps sources apart)")
-    a.add_argument("--batch-size", type=int, default=64)
-    a.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    a.add_argument("--no-progress", action="store_true")
+    a.add_argument("--batch-size", type=int, default=64, help="images decoded and described per batch")
+    a.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="where extractors run (auto: CUDA when present)")
+    a.add_argument("--no-progress", action="store_true", help="no progress bars (for logs and CI)")
     a.set_defaults(func=cmd_add)
 
-    r = sub.add_parser("remove", help="drop ids from a bundle as a new version")
+    r = sub.add_parser("remove", help="drop ids from a bundle as a new version", formatter_class=HelpFormatter)
     r.add_argument("--index", required=True, help="bundle directory")
     r.add_argument("--ids", nargs="+", help="archive ids to remove")
     r.add_argument("--ids-file", help="file with one id per line")
     r.add_argument("--missing-ok", action="store_true", help="ignore ids that are not indexed")
     r.set_defaults(func=cmd_remove)
 
-    t = sub.add_parser("train", help="fine-tune a cnn backbone on an archive's labels")
+    t = sub.add_parser("train", help="fine-tune a cnn backbone on an archive's labels", formatter_class=HelpFormatter)
     t.add_argument("--images", required=True, help="folder tree, .zip of images, or .npz of arrays")
     t.add_argument("--labels", help="labels CSV (default: labels.csv beside or inside the archive)")
     t.add_argument("--label-field", default="label", help="metadata column holding the class")
@@ -403,14 +362,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--select", action="append", metavar="FIELD=VALUE", help="train only on matching images")
     t.add_argument("--max-images", type=int, default=0, help="class-balanced subsample of this many images")
     _add_train_flags(t)
-    t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    t.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="where extractors run (auto: CUDA when present)")
     t.add_argument("--out", required=True, help="checkpoint file to write")
     t.add_argument("--dicom-window", action="append", metavar="MODALITY=CENTRE,WIDTH",
                    help="VOI window for DICOM files without one, e.g. CT=40,400 (recorded in the bundle)")
-    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--no-progress", action="store_true", help="no progress bars (for logs and CI)")
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("eval", help="retrieval quality of a bundle (mP@k, seed mAP, AP@10)")
+    e = sub.add_parser("eval", help="retrieval quality of a bundle (mP@k, seed mAP, AP@10)", formatter_class=HelpFormatter)
     e.add_argument("--index", help="bundle to evaluate (leave-one-out or --queries)")
     e.add_argument("--queries", help="external query images (default: leave-one-out over the archive)")
     e.add_argument("--query-labels", help="labels CSV for --queries")
@@ -419,8 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--relevance", default="label", help="comma-separated fields; a&b needs both to match")
     e.add_argument("--exclude-same", help="never retrieve images sharing this field with the query (patient_id)")
     e.add_argument("--json", help="write the result document here")
-    e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    e.add_argument("--no-progress", action="store_true")
+    e.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="where extractors run (auto: CUDA when present)")
+    e.add_argument("--no-progress", action="store_true", help="no progress bars (for logs and CI)")
     cv = e.add_argument_group("group k-fold cross-validation (fine-tunes per fold; no bundle needed)")
     cv.add_argument("--cv-folds", type=int, default=0, help="number of folds; needs --images")
     cv.add_argument("--images", help="labelled archive to split into folds")
@@ -437,56 +396,38 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_flags(cv)
     e.set_defaults(func=cmd_eval)
 
-    i = sub.add_parser("info", help="validate a bundle and print its summary")
-    i.add_argument("--index", required=True)
+    i = sub.add_parser("info", help="validate a bundle and print its summary", formatter_class=HelpFormatter)
+    i.add_argument("--index", required=True, help="bundle directory (its live version is checked)")
     i.set_defaults(func=cmd_info)
 
-    s = sub.add_parser("serve", help="serve a bundle over gRPC")
-    s.add_argument("--index", required=True)
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=50051)
-    s.add_argument("--max-k", type=int, default=100, help="most hits per query")
-    s.add_argument("--max-k-prep", type=int, default=1000, help="most candidates re-ranked per query")
-    s.add_argument("--max-batch", type=int, default=64, help="most queries in one SearchBatch")
-    s.add_argument("--max-pixels", type=int, default=64_000_000,
-                   help="largest decoded query image (width x height), checked before decoding")
-    s.add_argument("--workers", type=int, default=8, help="request threads")
-    s.add_argument("--max-concurrent", type=int, default=0, help="searches in flight (default: 2 x workers)")
-    s.add_argument("--max-message-mb", type=int, default=64, help="largest request accepted")
-    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    s.add_argument("--torch-threads", type=int, default=1, help="intra-op threads per request for the extractors")
-    s.add_argument("--search-threads", type=int, default=1, help="FAISS threads per search")
-    s.add_argument("--micro-batch", type=int, default=32,
-                   help="most query images described together across concurrent requests (0: off)")
-    s.add_argument("--watch", type=float, default=0.0, metavar="SECONDS",
-                   help="check for a new bundle version this often and swap it in (also: SIGHUP, Reload RPC)")
-    s.add_argument("--tls-cert", help="PEM server certificate (turns on TLS, with --tls-key)")
-    s.add_argument("--tls-key", help="PEM private key of --tls-cert")
-    s.add_argument("--tls-client-ca", help="PEM CA: require client certificates it signed (mutual TLS)")
-    s.add_argument("--tokens", help="file of 'ROLE TOKEN' lines (roles: search, admin); health stays open")
+    s = sub.add_parser("serve", help="serve a bundle over gRPC", formatter_class=HelpFormatter)
+    from cbmir.server.config import ServerConfig
+
+    add_options(s, ServerConfig)
     s.set_defaults(func=cmd_serve)
 
-    q = sub.add_parser("query", help="send an image to a running server and print the hits")
-    q.add_argument("--target", default="127.0.0.1:50051")
-    q.add_argument("--image", required=True)
-    q.add_argument("-k", type=int, default=10)
-    q.add_argument("--method", default="cnn")
-    q.add_argument("--rerank")
-    q.add_argument("--k-prep", type=int, default=0)
-    q.add_argument("--filter", action="append", metavar="FIELD=VALUE")
+    q = sub.add_parser("query", help="send an image to a running server and print the hits", formatter_class=HelpFormatter)
+    q.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT of a running cbmir serve")
+    q.add_argument("--image", required=True, help="query image file: PNG, JPEG or DICOM")
+    q.add_argument("-k", type=int, default=10, help="number of hits, 1 to the server's max_k")
+    q.add_argument("--method", default="cnn", help="method that ranks the archive (cbmir info lists them)")
+    q.add_argument("--rerank", help="method that re-orders the best --k-prep candidates")
+    q.add_argument("--k-prep", type=int, default=0, help="candidates re-ranked (0: max(k, 10))")
+    q.add_argument("--filter", action="append", metavar="FIELD=VALUE",
+                   help="only hits whose metadata FIELD equals VALUE (repeat; values of one field are OR-ed)")
     q.add_argument("--predict-class", action="store_true",
                    help="fine-tuned methods: search only the class the model predicts (whole archive when unsure)")
     q.add_argument("--tls-ca", help="PEM CA of the server certificate (turns on TLS)")
     q.add_argument("--tls-cert", help="client certificate for mutual TLS")
     q.add_argument("--tls-key", help="client key for mutual TLS")
-    q.add_argument("--timeout", type=float, default=30.0)
-    q.add_argument("--json", action="store_true")
+    q.add_argument("--timeout", type=float, default=30.0, help="deadline of the call in seconds")
+    q.add_argument("--json", action="store_true", help="print the hits as JSON")
     q.set_defaults(func=cmd_query)
     q.epilog = "The bearer token, when the server needs one, is read from the CBMIR_TOKEN environment variable."
 
-    d = sub.add_parser("demo", help="index the DICOM files of pydicom-data, serve them and query (offline)")
-    d.add_argument("--out", default=os.path.join("bundles", "demo"))
-    d.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    d = sub.add_parser("demo", help="index the DICOM files of pydicom-data, serve them and query (offline)", formatter_class=HelpFormatter)
+    d.add_argument("--out", default=os.path.join("bundles", "demo"), help="bundle directory the demo writes")
+    d.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="where extractors run (auto: CUDA when present)")
     d.set_defaults(func=cmd_demo)
     return parser
 

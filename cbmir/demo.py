@@ -10,7 +10,8 @@ from pathlib import Path
 
 from cbmir.client import RetrievalClient, format_hits
 from cbmir.index_build import build_bundle, open_archive
-from cbmir.server.service import ServerConfig, start_server
+from cbmir.server.config import ServerConfig
+from cbmir.server.startup import start_server
 
 DEMO_QUERIES = (
     ("CR chest radiograph (JPEG 2000 lossy copy)", "RG1_J2KI.dcm", {}),

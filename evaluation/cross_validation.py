@@ -33,7 +33,9 @@ from cbmir.extractors.cnn import CNNExtractor
 from cbmir.index_build.bundle import Bundle, MethodIndex, flat_index
 from cbmir.index_build.index_types import build_index
 from cbmir.server.search_engine import SearchEngine
-from cbmir.training import TrainConfig, group_kfold, save_checkpoint, train_extractor
+from cbmir.training import TrainConfig
+from cbmir.training.splits import group_kfold
+from cbmir.training.trainer import save_checkpoint, train_extractor
 from cbmir.training.splits import group_codes
 from cbmir.training.dataset import LabelledImages, balanced_subsample
 

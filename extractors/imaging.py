@@ -24,10 +24,9 @@ from PIL import Image, UnidentifiedImageError
 # cbmir enforces its own pixel limit (max_pixels) right after reading the header; PIL's warning would only be noise.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
+from cbmir.defaults import DEFAULT_MAX_PIXELS
 from cbmir.errors import InvalidInputError
 
-DEFAULT_MAX_PIXELS = 64_000_000
-"""Largest decoded image (width x height) accepted; guards against decompression bombs."""
 
 DicomWindows = Mapping[str, tuple[float, float]]
 """Modality -> (window centre, window width) applied to DICOM files that carry no VOI window of their own, in

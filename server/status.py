@@ -40,6 +40,7 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 
 
 def abort_with(context: grpc.ServicerContext, exc: Exception) -> None:
+    """End the call with the exception's status; unexpected exceptions are logged with their traceback."""
     code, message = status_for(exc)
     if code == grpc.StatusCode.INTERNAL:
         log.exception("unexpected error in handler")
@@ -47,7 +48,11 @@ def abort_with(context: grpc.ServicerContext, exc: Exception) -> None:
 
 
 class ErrorMappingInterceptor(grpc.ServerInterceptor):
-    """Turns exceptions raised by handlers into ``context.abort(code, message)`` using :data:`STATUS_OF`."""
+    """The one place where handler exceptions become statuses: ``context.abort(code, message)`` per
+    :data:`STATUS_OF`, for every handler shape (unary or streaming requests and responses).
+
+    It must be the first (outermost) interceptor so that it also maps what later interceptors raise.
+    """
 
     def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
@@ -57,30 +62,40 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):
         if handler is None:
             return None
         if handler.unary_unary is not None:
-            inner_uu = handler.unary_unary
-
-            def unary_unary(request: Any, context: grpc.ServicerContext) -> Any:
-                try:
-                    return inner_uu(request, context)
-                except Exception as exc:  # noqa: BLE001  (mapped, never swallowed)
-                    if _is_abort(exc):
-                        raise
-                    abort_with(context, exc)
-
-            return handler._replace(unary_unary=unary_unary)
+            return handler._replace(unary_unary=_mapped_unary(handler.unary_unary))
+        if handler.stream_unary is not None:
+            return handler._replace(stream_unary=_mapped_unary(handler.stream_unary))
         if handler.unary_stream is not None:
-            inner_us = handler.unary_stream
-
-            def unary_stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                try:
-                    yield from inner_us(request, context)
-                except Exception as exc:  # noqa: BLE001
-                    if _is_abort(exc):
-                        raise
-                    abort_with(context, exc)
-
-            return handler._replace(unary_stream=unary_stream)
+            return handler._replace(unary_stream=_mapped_stream(handler.unary_stream))
+        if handler.stream_stream is not None:
+            return handler._replace(stream_stream=_mapped_stream(handler.stream_stream))
         return handler
+
+
+def _mapped_unary(inner: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[[Any, grpc.ServicerContext], Any]:
+    def handle(request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return inner(request, context)
+        except Exception as exc:  # noqa: BLE001  (mapped, never swallowed)
+            if _is_abort(exc):
+                raise
+            abort_with(context, exc)
+
+    return handle
+
+
+def _mapped_stream(
+    inner: Callable[[Any, grpc.ServicerContext], Iterator[Any]],
+) -> Callable[[Any, grpc.ServicerContext], Iterator[Any]]:
+    def handle(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        try:
+            yield from inner(request, context)
+        except Exception as exc:  # noqa: BLE001  (mapped, never swallowed)
+            if _is_abort(exc):
+                raise
+            abort_with(context, exc)
+
+    return handle
 
 
 def _is_abort(exc: BaseException) -> bool:

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from cbmir.client import build_request
-from cbmir.server.service import ServerConfig, start_server
+from cbmir.server.config import ServerConfig
+from cbmir.server.startup import start_server
 from cbmir.v1 import retrieval_pb2 as pb
 from cbmir.v1 import retrieval_pb2_grpc as pb_grpc
 

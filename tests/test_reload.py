@@ -14,7 +14,8 @@ import pytest
 
 from cbmir.client import RetrievalClient
 from cbmir.index_build import add_to_bundle, build_bundle, load_bundle, open_archive, remove_from_bundle
-from cbmir.server.service import ServerConfig, start_server
+from cbmir.server.config import ServerConfig
+from cbmir.server.startup import start_server
 from tests.test_update import subset_csv
 
 

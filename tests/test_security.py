@@ -15,8 +15,9 @@ from cryptography.x509.oid import NameOID
 
 from cbmir.client import RetrievalClient
 from cbmir.errors import InvalidInputError
-from cbmir.server.auth import read_tokens
-from cbmir.server.service import ServerConfig, start_server
+from cbmir.server.security import read_tokens
+from cbmir.server.config import ServerConfig
+from cbmir.server.startup import start_server
 
 SEARCH_TOKEN = "search-token-0123456789"
 ADMIN_TOKEN = "admin-token-abcdefghijk"

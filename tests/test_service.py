@@ -17,7 +17,8 @@ from cbmir.extractors.imaging import decode_image
 from cbmir.extractors.registry import register_extractor
 from cbmir.index_build import build_bundle, load_bundle, open_archive
 from cbmir.server.search_engine import SearchEngine
-from cbmir.server.service import ServerConfig, start_server
+from cbmir.server.config import ServerConfig
+from cbmir.server.startup import start_server
 from cbmir.v1 import retrieval_pb2 as pb
 from tests.conftest import REPO
 

@@ -11,7 +11,9 @@ import torch
 from cbmir.errors import InvalidInputError
 from cbmir.extractors import create_extractor
 from cbmir.extractors.cnn import CNNExtractor
-from cbmir.training import TrainConfig, group_kfold, group_split, save_checkpoint, train_extractor
+from cbmir.training import TrainConfig
+from cbmir.training.splits import group_kfold, group_split
+from cbmir.training.trainer import save_checkpoint, train_extractor
 from cbmir.training.dataset import balanced_subsample
 from cbmir.training.losses import supervised_contrastive_loss
 
@@ -182,7 +184,8 @@ def test_server_answers_class_predicted_search(trained, finetuned_bundle: Path) 
     import grpc
 
     from cbmir.client import build_request
-    from cbmir.server.service import ServerConfig, start_server
+    from cbmir.server.config import ServerConfig
+    from cbmir.server.startup import start_server
     from cbmir.v1 import retrieval_pb2_grpc as pb_grpc
 
     data, _, _ = trained

@@ -1,6 +1,9 @@
-"""Fine-tuning a backbone on an archive's labels: the learned descriptors behind ``cbmir train``."""
+"""Fine-tuning a backbone on an archive's labels: the learned descriptors behind ``cbmir train``.
 
-from .splits import group_kfold, group_split
-from .trainer import TrainConfig, TrainResult, save_checkpoint, train_extractor
+``config`` (the settings, light), ``trainer`` (the loop and checkpoints), ``splits`` (patient-grouped splits),
+``dataset``, ``augment`` and ``losses``.
+"""
 
-__all__ = ["TrainConfig", "TrainResult", "group_kfold", "group_split", "save_checkpoint", "train_extractor"]
+from .config import TrainConfig
+
+__all__ = ["TrainConfig"]

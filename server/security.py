@@ -1,4 +1,5 @@
-"""Bearer-token authentication and per-method roles, as a server interceptor; health checks stay open.
+"""Transport and caller security: TLS credentials (optionally mutual) and bearer-token roles as a server
+interceptor; health checks stay open.
 
 Tokens file: one ``ROLE TOKEN`` pair per line (``#`` starts a comment). ``search`` may call Search, SearchBatch,
 GetIndexInfo and reflection; ``admin`` may also call Reload. Clients send ``authorization: Bearer TOKEN``.
@@ -16,7 +17,7 @@ import grpc
 
 from cbmir.errors import InvalidInputError, PermissionDeniedError, UnauthenticatedError
 
-from .status import abort_with
+from .config import ServerConfig
 
 ROLES = ("search", "admin")
 MIN_TOKEN_CHARS = 16
@@ -86,14 +87,14 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
 
 
 def _refusing(handler: grpc.RpcMethodHandler, exc: Exception) -> grpc.RpcMethodHandler:
-    """A handler of the same shape that answers every call with the error's status."""
+    """A handler of the same shape that raises ``exc`` on every call (the error interceptor sets its status)."""
 
     def unary(request: Any, context: grpc.ServicerContext) -> Any:
-        abort_with(context, exc)
+        raise exc
 
     def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-        abort_with(context, exc)
-        yield from ()
+        raise exc
+        yield  # a generator, like the handler it replaces
 
     if handler.unary_unary is not None:
         return handler._replace(unary_unary=unary)
@@ -102,3 +103,26 @@ def _refusing(handler: grpc.RpcMethodHandler, exc: Exception) -> grpc.RpcMethodH
     if handler.stream_unary is not None:
         return handler._replace(stream_unary=unary)
     return handler._replace(stream_stream=stream)
+
+
+def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials from PEM files (mutual TLS when a client CA is given); None for plaintext."""
+    if not config.tls_cert and not config.tls_key:
+        if config.tls_client_ca:
+            raise InvalidInputError("--tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    if not (config.tls_cert and config.tls_key):
+        raise InvalidInputError("TLS needs both --tls-cert and --tls-key")
+
+    def read(path: str, what: str) -> bytes:
+        try:
+            return open(path, "rb").read()
+        except OSError as exc:
+            raise InvalidInputError(f"cannot read {what} {path}: {exc}") from exc
+
+    client_ca = read(config.tls_client_ca, "client CA") if config.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(read(config.tls_key, "TLS key"), read(config.tls_cert, "TLS certificate"))],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )

