@@ -31,8 +31,12 @@ from cbmir.index_build.bundle import read_manifest, resolve_version_dir
 from .common import add_io_args, closed_loop, environment, mednist_jpegs, percentiles, write_result
 from .reference_pipeline import ReferencePipeline
 
-METHODS = {"cnn": {"method": "cnn"}, "hog": {"method": "hog"}, "bovw": {"method": "bovw"},
-           "cnn+hog": {"method": "cnn", "rerank": "hog", "k_prep": 50}}
+METHODS = {
+    "cnn": {"method": "cnn"},
+    "hog": {"method": "hog"},
+    "bovw": {"method": "bovw"},
+    "cnn+hog": {"method": "cnn", "rerank": "hog", "k_prep": 50},
+}
 
 
 def free_port() -> int:
@@ -43,8 +47,20 @@ def free_port() -> int:
 
 def start_server(index: str, log_path: Path, workers: int) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    cmd = [sys.executable, "-m", "cbmir.cli", "serve", "--index", index, "--port", str(port), "--workers",
-           str(workers), "--max-concurrent", str(workers)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cbmir.cli",
+        "serve",
+        "--index",
+        index,
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+        "--max-concurrent",
+        str(workers),
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log_path, "w"))
     target = f"127.0.0.1:{port}"
     deadline = time.time() + 300
@@ -53,7 +69,7 @@ def start_server(index: str, log_path: Path, workers: int) -> tuple[subprocess.P
             try:
                 if client.health() == "SERVING":
                     return proc, target
-            except Exception:  # noqa: BLE001  (not listening yet)
+            except Exception:
                 pass
             if proc.poll() is not None:
                 raise RuntimeError(f"server exited: {log_path.read_text()[-2000:]}")
@@ -74,8 +90,9 @@ def server_records(log_path: Path, offset: int) -> tuple[list[dict[str, Any]], i
     return records, end
 
 
-def run_load(target: str, payloads: list[bytes], options: dict[str, Any], concurrency: int, requests: int,
-             seconds: float) -> list[float]:
+def run_load(
+    target: str, payloads: list[bytes], options: dict[str, Any], concurrency: int, requests: int, seconds: float
+) -> list[float]:
     """Milliseconds per image query at the given concurrency; any failed or short answer aborts the run."""
 
     def call(client: RetrievalClient, i: int) -> None:
@@ -124,19 +141,30 @@ def main(argv: list[str] | None = None) -> dict:
         plan.setdefault(args.bovw_index if name == "bovw" and args.bovw_index else args.index, []).append(name)
     for index, names in plan.items():
         runs += measure(index, names, payloads, args, base)
-    doc = {"runs": runs, "meta": {**environment(), "bundle": args.index, "bovw_bundle": args.bovw_index,
-                                  "archive_count": manifest["count"],
-                                  "methods": {n: {k: m[k] for k in ("config", "dim", "metric")}
-                                              for n, m in manifest["methods"].items()},
-                                  "baseline": {"pipeline": "squeezenet1_0 256px batch 1 + numpy L2 scan + argsort",
-                                               **base, "requests": len(base_ms)},
-                                  "server_workers": args.workers, "cpu_count": os.cpu_count()}}
+    doc = {
+        "runs": runs,
+        "meta": {
+            **environment(),
+            "bundle": args.index,
+            "bovw_bundle": args.bovw_index,
+            "archive_count": manifest["count"],
+            "methods": {n: {k: m[k] for k in ("config", "dim", "metric")} for n, m in manifest["methods"].items()},
+            "baseline": {
+                "pipeline": "squeezenet1_0 256px batch 1 + numpy L2 scan + argsort",
+                **base,
+                "requests": len(base_ms),
+            },
+            "server_workers": args.workers,
+            "cpu_count": os.cpu_count(),
+        },
+    }
     print(f"wrote {write_result(args.out, doc)}")
     return doc
 
 
-def measure(index: str, names: list[str], payloads: list[bytes], args: argparse.Namespace,
-            base: dict[str, float]) -> list[dict[str, Any]]:
+def measure(
+    index: str, names: list[str], payloads: list[bytes], args: argparse.Namespace, base: dict[str, float]
+) -> list[dict[str, Any]]:
     """Serve ``index`` in a subprocess and measure each method at each concurrency."""
     manifest = read_manifest(resolve_version_dir(index))
     runs = []
@@ -165,14 +193,23 @@ def measure(index: str, names: list[str], payloads: list[bytes], args: argparse.
                             stages[key] = round(float(np.median(values)), 3)
                     stages["transport"] = round(float(np.median(lat)) - stages.get("total", 0.0), 3)
                     pct = percentiles(lat)
-                    run = {"method": name, "bundle": index, "concurrency": concurrency, "requests": len(lat), **pct,
-                           "throughput_rps": round(len(lat) / wall, 1), "stages_ms": stages,
-                           "baseline_p50_ms": base["p50_ms"],
-                           "speedup_p50": round(base["p50_ms"] / pct["p50_ms"], 1)}
+                    run = {
+                        "method": name,
+                        "bundle": index,
+                        "concurrency": concurrency,
+                        "requests": len(lat),
+                        **pct,
+                        "throughput_rps": round(len(lat) / wall, 1),
+                        "stages_ms": stages,
+                        "baseline_p50_ms": base["p50_ms"],
+                        "speedup_p50": round(base["p50_ms"] / pct["p50_ms"], 1),
+                    }
                     runs.append(run)
-                    print(f"{name:<8} c={concurrency}: p50 {pct['p50_ms']:7.2f}  p95 {pct['p95_ms']:7.2f}  "
-                          f"p99 {pct['p99_ms']:7.2f} ms  {run['throughput_rps']:6.1f} req/s  "
-                          f"{run['speedup_p50']:5.1f}x baseline  stages {stages}")
+                    print(
+                        f"{name:<8} c={concurrency}: p50 {pct['p50_ms']:7.2f}  p95 {pct['p95_ms']:7.2f}  "
+                        f"p99 {pct['p99_ms']:7.2f} ms  {run['throughput_rps']:6.1f} req/s  "
+                        f"{run['speedup_p50']:5.1f}x baseline  stages {stages}"
+                    )
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(30)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-
 from pathlib import Path
 
 from .common import RESULTS_DIR
@@ -22,6 +21,7 @@ def main(argv: list[str] | None = None) -> None:
 
     runs = json.loads((results / "scaling.json").read_text())["runs"]
     fig, (ax_lat, ax_rec) = plt.subplots(1, 2, figsize=(12, 4.8))
+
     def series(run: dict) -> str:
         setting = {k: v for k, v in run["params"].items() if k in ("nprobe", "efSearch")}
         return run["index_type"] + "".join(f" {k}={v}" for k, v in setting.items())

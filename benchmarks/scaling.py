@@ -24,8 +24,12 @@ from cbmir.index_build.index_types import apply_search_params, build_index
 from .common import add_io_args, environment, write_result
 
 INDEX_TYPES = ("flat", "ivf", "hnsw", "sq8", "ivfpq", "itq")
-SWEEP = {"ivf": ("nprobe", (16, 64, 256)), "ivfpq": ("nprobe", (16, 64, 256)),
-         "hnsw": ("efSearch", (64, 256, 1024)), "itq": ("k_factor", (10, 50, 200))}
+SWEEP = {
+    "ivf": ("nprobe", (16, 64, 256)),
+    "ivfpq": ("nprobe", (16, 64, 256)),
+    "hnsw": ("efSearch", (64, 256, 1024)),
+    "itq": ("k_factor", (10, 50, 200)),
+}
 """Search-time settings tried on each built index (no rebuild needed)."""
 
 
@@ -114,17 +118,38 @@ def main(argv: list[str] | None = None) -> dict:
                     apply_search_params(index, index_type, params)
                 lat, got = time_queries(index, queries)
                 recall = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(truth, got)]))
-                run = {"index_type": index_type, "metric": metric, "n": n, "dim": info.dim,
-                       "p50_ms": round(float(np.median(lat)), 4), "p99_ms": round(float(np.percentile(lat, 99)), 4),
-                       "recall_at_10": round(recall, 4), "memory_bytes": memory, "build_s": round(build_s, 3),
-                       "params": dict(params), "search_threads": args.threads}
+                run = {
+                    "index_type": index_type,
+                    "metric": metric,
+                    "n": n,
+                    "dim": info.dim,
+                    "p50_ms": round(float(np.median(lat)), 4),
+                    "p99_ms": round(float(np.percentile(lat, 99)), 4),
+                    "recall_at_10": round(recall, 4),
+                    "memory_bytes": memory,
+                    "build_s": round(build_s, 3),
+                    "params": dict(params),
+                    "search_threads": args.threads,
+                }
                 runs.append(run)
                 setting = f"{name}={value}" if name else ""
-                print(f"n={n:>8} {index_type:<6} {setting:<14} p50 {run['p50_ms']:8.3f} ms  recall@10 {recall:.3f}  "
-                      f"mem {memory / 2**20:8.1f} MiB  build {build_s:7.2f} s", flush=True)
+                print(
+                    f"n={n:>8} {index_type:<6} {setting:<14} p50 {run['p50_ms']:8.3f} ms  recall@10 {recall:.3f}  "
+                    f"mem {memory / 2**20:8.1f} MiB  build {build_s:7.2f} s",
+                    flush=True,
+                )
         del data, exact
-    doc = {"runs": runs, "meta": {**environment(), "bundle": args.index, "method": args.method, "queries": args.queries,
-                                  "jitter_fraction_of_median_nn": args.jitter, "sigma": sigma}}
+    doc = {
+        "runs": runs,
+        "meta": {
+            **environment(),
+            "bundle": args.index,
+            "method": args.method,
+            "queries": args.queries,
+            "jitter_fraction_of_median_nn": args.jitter,
+            "sigma": sigma,
+        },
+    }
     print(f"wrote {write_result(args.out, doc)}")
     return doc
 

@@ -29,16 +29,28 @@ def _requests(client: RetrievalClient, payloads: list[bytes], ids: list[str], me
     if kind == 1:
         return lambda: client.search_id(ids[i % len(ids)], k=20, method=method)
     if kind == 2 and len(methods) > 1:
-        return lambda: client.search_image(payloads[i % len(payloads)], k=10, method=methods[0],
-                                           rerank=methods[1], k_prep=50)
+        return lambda: client.search_image(
+            payloads[i % len(payloads)], k=10, method=methods[0], rerank=methods[1], k_prep=50
+        )
     if kind == 3:
-        return lambda: client.search_batch([build_request(archive_id=ids[(i + j) % len(ids)], k=5, method=method)
-                                            for j in range(4)])
+        return lambda: client.search_batch(
+            [build_request(archive_id=ids[(i + j) % len(ids)], k=5, method=method) for j in range(4)]
+        )
     return lambda: client.search_id(ids[i % len(ids)], k=10, method=method, filters={"label": ["__none__", "x"]})
 
 
-def soak(target: str, pid: int, payloads: list[bytes], ids: list[str], methods: list[str], *, clients: int,
-         requests: int, warmup: int, max_seconds: float) -> dict[str, Any]:
+def soak(
+    target: str,
+    pid: int,
+    payloads: list[bytes],
+    ids: list[str],
+    methods: list[str],
+    *,
+    clients: int,
+    requests: int,
+    warmup: int,
+    max_seconds: float,
+) -> dict[str, Any]:
     """Run the load; memory is the server process's RSS (MiB) after ``warmup`` requests and after the run."""
     server = psutil.Process(pid)
 
@@ -84,13 +96,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     log_path.parent.mkdir(exist_ok=True)
     proc, target = start_server(args.index, log_path, args.workers)
     try:
-        result = soak(target, proc.pid, payloads, ids[:: max(1, len(ids) // 5000)], args.methods.split(","),
-                      clients=args.clients, requests=args.requests, warmup=args.warmup, max_seconds=args.max_seconds)
+        result = soak(
+            target,
+            proc.pid,
+            payloads,
+            ids[:: max(1, len(ids) // 5000)],
+            args.methods.split(","),
+            clients=args.clients,
+            requests=args.requests,
+            warmup=args.warmup,
+            max_seconds=args.max_seconds,
+        )
     finally:
         proc.terminate()
         proc.wait(30)
-    doc = {"soak": result, "index": args.index, "methods": args.methods, "environment": environment(),
-           "command": "python -m cbmir.benchmarks.soak " + " ".join(sys.argv[1:] if argv is None else argv)}
+    doc = {
+        "soak": result,
+        "index": args.index,
+        "methods": args.methods,
+        "environment": environment(),
+        "command": "python -m cbmir.benchmarks.soak " + " ".join(sys.argv[1:] if argv is None else argv),
+    }
     print(write_result(args.out, doc))
     print(result)
     return doc

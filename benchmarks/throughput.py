@@ -45,21 +45,30 @@ def main(argv: list[str] | None = None) -> dict:
 
     images = [decode_image(b) for b in mednist_jpegs(args.images, path=args.mednist)]
     baseline = ReferencePipeline(archive_size=1)
-    base_rate = timed_rate(lambda: baseline.throughput(images[: args.baseline_images]), args.baseline_images,
-                           args.repeats)
+    base_rate = timed_rate(
+        lambda: baseline.throughput(images[: args.baseline_images]), args.baseline_images, args.repeats
+    )
     print(f"reference pipeline (SqueezeNet 1.0, 256 px, one image per pass): {base_rate:.1f} images/s")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     runs = []
     for index in args.index.split(","):
         runs += measure(load_bundle(index, verify=False), images, devices, base_rate, args)
-    doc = {"runs": runs, "meta": {**environment(), "bundles": args.index.split(","), "repeats": args.repeats,
-                                  "baseline": "torchvision squeezenet1_0 features, 256x256, avgpool 5x5, batch 1"}}
+    doc = {
+        "runs": runs,
+        "meta": {
+            **environment(),
+            "bundles": args.index.split(","),
+            "repeats": args.repeats,
+            "baseline": "torchvision squeezenet1_0 features, 256x256, avgpool 5x5, batch 1",
+        },
+    }
     print(f"wrote {write_result(args.out, doc)}")
     return doc
 
 
-def measure(bundle, images: list[np.ndarray], devices: list[str], base_rate: float,
-            args: argparse.Namespace) -> list[dict]:
+def measure(
+    bundle, images: list[np.ndarray], devices: list[str], base_rate: float, args: argparse.Namespace
+) -> list[dict]:
     runs = []
     for device in devices:
         engine = SearchEngine(bundle, device=device)
@@ -71,13 +80,23 @@ def measure(bundle, images: list[np.ndarray], devices: list[str], base_rate: flo
                     ex.extract(images[start : start + args.batch_size])
 
             rate = timed_rate(run, len(images), args.repeats)
-            runs.append({
-                "extractor": method, "bundle": str(bundle.path.parent), "device": device, "images_per_s": round(rate, 1),
-                "baseline_images_per_s": round(base_rate, 1), "speedup": round(rate / base_rate, 2),
-                "config": ex.config(), "images": len(images), "batch_size": args.batch_size,
-            })
-            print(f"{method:<6} {device} {bundle.path.parent.name}: {rate:8.1f} images/s  "
-                  f"({rate / base_rate:5.1f}x the baseline)")
+            runs.append(
+                {
+                    "extractor": method,
+                    "bundle": str(bundle.path.parent),
+                    "device": device,
+                    "images_per_s": round(rate, 1),
+                    "baseline_images_per_s": round(base_rate, 1),
+                    "speedup": round(rate / base_rate, 2),
+                    "config": ex.config(),
+                    "images": len(images),
+                    "batch_size": args.batch_size,
+                }
+            )
+            print(
+                f"{method:<6} {device} {bundle.path.parent.name}: {rate:8.1f} images/s  "
+                f"({rate / base_rate:5.1f}x the baseline)"
+            )
     return runs
 
 

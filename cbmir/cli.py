@@ -128,14 +128,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = _train_config(args)
     result = train_extractor(data.images, labels, groups, config, progress=not args.no_progress)
     result.training.update(
-        {"archive": archive.source, "label_field": args.label_field, "group_field": args.group_field,
-         "max_images": args.max_images, "command": " ".join(["cbmir", *sys.argv[1:]])}
+        {
+            "archive": archive.source,
+            "label_field": args.label_field,
+            "group_field": args.group_field,
+            "max_images": args.max_images,
+            "command": " ".join(["cbmir", *sys.argv[1:]]),
+        }
     )
     path = save_checkpoint(result, args.out)
-    print(f"wrote {path}: best epoch {result.best_epoch}, validation mAP {result.best_val_map}, "
-          f"{result.seconds:.0f} s on {result.training['device']}")
-    print(f"index with: cbmir build --images {args.images} --extractors cnn --weights {path} "
-          f"--image-size {args.image_size} --model {args.model} --out DIR")
+    print(
+        f"wrote {path}: best epoch {result.best_epoch}, validation mAP {result.best_val_map}, "
+        f"{result.seconds:.0f} s on {result.training['device']}"
+    )
+    print(
+        f"index with: cbmir build --images {args.images} --extractors cnn --weights {path} "
+        f"--image-size {args.image_size} --model {args.model} --out DIR"
+    )
     return 0
 
 
@@ -143,10 +152,18 @@ def cmd_add(args: argparse.Namespace) -> int:
     from cbmir.index_build import add_to_bundle
 
     archive = _selected_archive(args)
-    report = add_to_bundle(args.index, archive, id_prefix=args.id_prefix, batch_size=args.batch_size,
-                           device=args.device, progress=not args.no_progress)
-    print(f"{report.path}: {report.count} images ({len(report.added)} added, {len(report.duplicates)} already "
-          f"indexed, {len(report.skipped)} unreadable)")
+    report = add_to_bundle(
+        args.index,
+        archive,
+        id_prefix=args.id_prefix,
+        batch_size=args.batch_size,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    print(
+        f"{report.path}: {report.count} images ({len(report.added)} added, {len(report.duplicates)} already "
+        f"indexed, {len(report.skipped)} unreadable)"
+    )
     return 0
 
 
@@ -231,8 +248,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not args.index:
         raise InvalidInputError("pass --index BUNDLE, or --images ARCHIVE --cv-folds K for cross-validation")
     bundle = load_bundle(args.index)
-    methods = _csv(args.methods) if args.methods else list(bundle.methods) + (
-        ["cnn+hog"] if {"cnn", "hog"} <= set(bundle.methods) else []
+    methods = (
+        _csv(args.methods)
+        if args.methods
+        else list(bundle.methods) + (["cnn+hog"] if {"cnn", "hog"} <= set(bundle.methods) else [])
     )
     queries = open_archive(args.queries, args.query_labels, windows=bundle.dicom_windows) if args.queries else None
     doc = evaluate(
@@ -280,8 +299,9 @@ def cmd_query(args: argparse.Namespace) -> int:
     from cbmir.client import RetrievalClient, format_hits
 
     token = os.environ.get("CBMIR_TOKEN") or None
-    with RetrievalClient(args.target, timeout=args.timeout, token=token, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
-                         tls_key=args.tls_key) as client:
+    with RetrievalClient(
+        args.target, timeout=args.timeout, token=token, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key
+    ) as client:
         hits = client.search_image(
             Path(args.image).read_bytes(),
             k=args.k,
@@ -308,8 +328,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cbmir", description="Content-based medical image retrieval",
-                                     formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="cbmir", description="Content-based medical image retrieval", formatter_class=HelpFormatter
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -325,25 +346,41 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--whiten", action="store_true", help="whiten the PCA components")
     b.add_argument("--bovw-words", type=int, default=4000, help="BoVW vocabulary size")
     b.add_argument("--fit-sample", type=int, default=5000, help="images sampled to fit the BoVW vocabulary")
-    b.add_argument("--index-type", default="flat", metavar="TYPE|METHOD=TYPE,...",
-                   help="FAISS index: auto (by archive size), flat, ivf, hnsw, sq8, ivfpq or itq, for every method "
-                        "or per method (cnn=itq,hog=hnsw; the others stay flat)")
+    b.add_argument(
+        "--index-type",
+        default="flat",
+        metavar="TYPE|METHOD=TYPE,...",
+        help="FAISS index: auto (by archive size), flat, ivf, hnsw, sq8, ivfpq or itq, for every method "
+        "or per method (cnn=itq,hog=hnsw; the others stay flat)",
+    )
     b.add_argument("--batch-size", type=int, default=64, help="images decoded and described per batch")
-    b.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="where extractors run (auto: CUDA when present)")
+    b.add_argument(
+        "--device", default="auto", choices=DEVICE_CHOICES, help="where extractors run (auto: CUDA when present)"
+    )
     b.add_argument("--select", action="append", metavar="FIELD=VALUE", help="index only matching images")
     b.add_argument("--no-progress", action="store_true", help="no progress bars (for logs and CI)")
-    b.add_argument("--dicom-window", action="append", metavar="MODALITY=CENTRE,WIDTH",
-                   help="VOI window for DICOM files without one, e.g. CT=40,400 (recorded in the bundle)")
+    b.add_argument(
+        "--dicom-window",
+        action="append",
+        metavar="MODALITY=CENTRE,WIDTH",
+        help="VOI window for DICOM files without one, e.g. CT=40,400 (recorded in the bundle)",
+    )
     b.set_defaults(func=cmd_build)
 
-    a = sub.add_parser("add", help="index more images into a bundle as a new version (nothing re-extracted)", formatter_class=HelpFormatter)
+    a = sub.add_parser(
+        "add",
+        help="index more images into a bundle as a new version (nothing re-extracted)",
+        formatter_class=HelpFormatter,
+    )
     a.add_argument("--index", required=True, help="bundle directory")
     a.add_argument("--images", required=True, help="folder tree, .zip or .npz of new images")
     a.add_argument("--labels", help="labels CSV for the new images")
     a.add_argument("--select", action="append", metavar="FIELD=VALUE", help="add only matching images")
     a.add_argument("--id-prefix", default="", help="prepended to the new images' ids (keeps sources apart)")
     a.add_argument("--batch-size", type=int, default=64, help="images decoded and described per batch")
-    a.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="where extractors run (auto: CUDA when present)")
+    a.add_argument(
+        "--device", default="auto", choices=DEVICE_CHOICES, help="where extractors run (auto: CUDA when present)"
+    )
     a.add_argument("--no-progress", action="store_true", help="no progress bars (for logs and CI)")
     a.set_defaults(func=cmd_add)
 
@@ -362,14 +399,22 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--select", action="append", metavar="FIELD=VALUE", help="train only on matching images")
     t.add_argument("--max-images", type=int, default=0, help="class-balanced subsample of this many images")
     _add_train_flags(t)
-    t.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="where extractors run (auto: CUDA when present)")
+    t.add_argument(
+        "--device", default="auto", choices=DEVICE_CHOICES, help="where extractors run (auto: CUDA when present)"
+    )
     t.add_argument("--out", required=True, help="checkpoint file to write")
-    t.add_argument("--dicom-window", action="append", metavar="MODALITY=CENTRE,WIDTH",
-                   help="VOI window for DICOM files without one, e.g. CT=40,400 (recorded in the bundle)")
+    t.add_argument(
+        "--dicom-window",
+        action="append",
+        metavar="MODALITY=CENTRE,WIDTH",
+        help="VOI window for DICOM files without one, e.g. CT=40,400 (recorded in the bundle)",
+    )
     t.add_argument("--no-progress", action="store_true", help="no progress bars (for logs and CI)")
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("eval", help="retrieval quality of a bundle (mP@k, seed mAP, AP@10)", formatter_class=HelpFormatter)
+    e = sub.add_parser(
+        "eval", help="retrieval quality of a bundle (mP@k, seed mAP, AP@10)", formatter_class=HelpFormatter
+    )
     e.add_argument("--index", help="bundle to evaluate (leave-one-out or --queries)")
     e.add_argument("--queries", help="external query images (default: leave-one-out over the archive)")
     e.add_argument("--query-labels", help="labels CSV for --queries")
@@ -378,7 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--relevance", default="label", help="comma-separated fields; a&b needs both to match")
     e.add_argument("--exclude-same", help="never retrieve images sharing this field with the query (patient_id)")
     e.add_argument("--json", help="write the result document here")
-    e.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="where extractors run (auto: CUDA when present)")
+    e.add_argument(
+        "--device", default="auto", choices=DEVICE_CHOICES, help="where extractors run (auto: CUDA when present)"
+    )
     e.add_argument("--no-progress", action="store_true", help="no progress bars (for logs and CI)")
     cv = e.add_argument_group("group k-fold cross-validation (fine-tunes per fold; no bundle needed)")
     cv.add_argument("--cv-folds", type=int, default=0, help="number of folds; needs --images")
@@ -388,10 +435,18 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--max-images", type=int, default=0, help="class-balanced subsample of this many images")
     cv.add_argument("--label-field", default="label", help="class column the fine-tuning learns")
     cv.add_argument("--group-field", help="patient column: folds and exclusions never split a group")
-    cv.add_argument("--dicom-window", action="append", metavar="MODALITY=CENTRE,WIDTH",
-                   help="VOI window for DICOM files without one, e.g. CT=40,400 (recorded in the bundle)")
-    cv.add_argument("--train-max-images", type=int, default=0,
-                    help="fine-tune each fold on a class-balanced subsample of this many training images")
+    cv.add_argument(
+        "--dicom-window",
+        action="append",
+        metavar="MODALITY=CENTRE,WIDTH",
+        help="VOI window for DICOM files without one, e.g. CT=40,400 (recorded in the bundle)",
+    )
+    cv.add_argument(
+        "--train-max-images",
+        type=int,
+        default=0,
+        help="fine-tune each fold on a class-balanced subsample of this many training images",
+    )
     cv.add_argument("--pretrained-image-size", type=int, default=224, help="input side of the pretrained cnn")
     _add_train_flags(cv)
     e.set_defaults(func=cmd_eval)
@@ -406,17 +461,26 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(s, ServerConfig)
     s.set_defaults(func=cmd_serve)
 
-    q = sub.add_parser("query", help="send an image to a running server and print the hits", formatter_class=HelpFormatter)
+    q = sub.add_parser(
+        "query", help="send an image to a running server and print the hits", formatter_class=HelpFormatter
+    )
     q.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT of a running cbmir serve")
     q.add_argument("--image", required=True, help="query image file: PNG, JPEG or DICOM")
     q.add_argument("-k", type=int, default=10, help="number of hits, 1 to the server's max_k")
     q.add_argument("--method", default="cnn", help="method that ranks the archive (cbmir info lists them)")
     q.add_argument("--rerank", help="method that re-orders the best --k-prep candidates")
     q.add_argument("--k-prep", type=int, default=0, help="candidates re-ranked (0: max(k, 10))")
-    q.add_argument("--filter", action="append", metavar="FIELD=VALUE",
-                   help="only hits whose metadata FIELD equals VALUE (repeat; values of one field are OR-ed)")
-    q.add_argument("--predict-class", action="store_true",
-                   help="fine-tuned methods: search only the class the model predicts (whole archive when unsure)")
+    q.add_argument(
+        "--filter",
+        action="append",
+        metavar="FIELD=VALUE",
+        help="only hits whose metadata FIELD equals VALUE (repeat; values of one field are OR-ed)",
+    )
+    q.add_argument(
+        "--predict-class",
+        action="store_true",
+        help="fine-tuned methods: search only the class the model predicts (whole archive when unsure)",
+    )
     q.add_argument("--tls-ca", help="PEM CA of the server certificate (turns on TLS)")
     q.add_argument("--tls-cert", help="client certificate for mutual TLS")
     q.add_argument("--tls-key", help="client key for mutual TLS")
@@ -425,9 +489,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_query)
     q.epilog = "The bearer token, when the server needs one, is read from the CBMIR_TOKEN environment variable."
 
-    d = sub.add_parser("demo", help="index the DICOM files of pydicom-data, serve them and query (offline)", formatter_class=HelpFormatter)
+    d = sub.add_parser(
+        "demo",
+        help="index the DICOM files of pydicom-data, serve them and query (offline)",
+        formatter_class=HelpFormatter,
+    )
     d.add_argument("--out", default=os.path.join("bundles", "demo"), help="bundle directory the demo writes")
-    d.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="where extractors run (auto: CUDA when present)")
+    d.add_argument(
+        "--device", default="auto", choices=DEVICE_CHOICES, help="where extractors run (auto: CUDA when present)"
+    )
     d.set_defaults(func=cmd_demo)
     return parser
 

@@ -44,8 +44,10 @@ def run_demo(out: Path, device: str = "auto") -> int:
         device=device,
         on_skip=lambda s: skipped.append(f"{s['id']}: {s['error'].split(': ', 1)[-1][:100]}"),
     )
-    print(f"   {report.count} indexed, {len(report.skipped)} unreadable and skipped, "
-          f"{time.perf_counter() - t0:.1f} s -> {report.path}")
+    print(
+        f"   {report.count} indexed, {len(report.skipped)} unreadable and skipped, "
+        f"{time.perf_counter() - t0:.1f} s -> {report.path}"
+    )
     for line in skipped:
         print(f"   skipped {line}")
 
@@ -55,9 +57,11 @@ def run_demo(out: Path, device: str = "auto") -> int:
     try:
         with RetrievalClient(target) as client:
             info = client.index_info()
-            print(f"   {target}: {info.count} images, methods "
-                  + ", ".join(f"{m.name} ({m.dim}-d, {m.metric})" for m in info.methods)
-                  + f", health {client.health()}")
+            print(
+                f"   {target}: {info.count} images, methods "
+                + ", ".join(f"{m.name} ({m.dim}-d, {m.metric})" for m in info.methods)
+                + f", health {client.health()}"
+            )
             print("== 3. query it")
             for title, name, options in DEMO_QUERIES:
                 t1 = time.perf_counter()
@@ -67,6 +71,8 @@ def run_demo(out: Path, device: str = "auto") -> int:
                 print(format_hits(hits, fields=("modality", "body_region", "SeriesInstanceUID")))
     finally:
         running.stop(0)
-    print("\nThe same by hand: cbmir build --images DIR --out BUNDLE; cbmir serve --index BUNDLE; "
-          "cbmir query --image FILE")
+    print(
+        "\nThe same by hand: cbmir build --images DIR --out BUNDLE; cbmir serve --index BUNDLE; "
+        "cbmir query --image FILE"
+    )
     return 0

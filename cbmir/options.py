@@ -38,8 +38,15 @@ def option(
         device: a device option (``auto``, ``cpu``, ``cuda``).
         choices: allowed values.
     """
-    return {"cli": {"help": help, "flag": flag, "metavar": metavar, "required": required,
-                    "choices": tuple(DEVICE_CHOICES if device else choices or ()) or None}}
+    return {
+        "cli": {
+            "help": help,
+            "flag": flag,
+            "metavar": metavar,
+            "required": required,
+            "choices": tuple(DEVICE_CHOICES if device else choices or ()) or None,
+        }
+    }
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -47,8 +54,13 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
-        if action.required or action.default is None or action.default is False or action.default == argparse.SUPPRESS \
-                or "%(default)" in text:
+        if (
+            action.required
+            or action.default is None
+            or action.default is False
+            or action.default == argparse.SUPPRESS
+            or "%(default)" in text
+        ):
             return text
         return text + " (default: %(default)s)"
 

@@ -47,9 +47,16 @@ def build_request(
     min_class_confidence: float = 0.0,
 ) -> pb.SearchRequest:
     """A ``SearchRequest`` with exactly one query kind set."""
-    req = pb.SearchRequest(k=k, method=method, rerank=rerank or "", k_prep=k_prep,
-                           exclude_ids=list(exclude_ids), include_self=include_self,
-                           predict_class=predict_class, min_class_confidence=min_class_confidence)
+    req = pb.SearchRequest(
+        k=k,
+        method=method,
+        rerank=rerank or "",
+        k_prep=k_prep,
+        exclude_ids=list(exclude_ids),
+        include_self=include_self,
+        predict_class=predict_class,
+        min_class_confidence=min_class_confidence,
+    )
     for name, values in (filters or {}).items():
         req.filters.add(field=name, values=[values] if isinstance(values, str) else list(values))
     if image is not None:
@@ -81,9 +88,18 @@ class RetrievalClient:
         tls_cert, tls_key: this client's PEM certificate and key, for servers that require mutual TLS.
     """
 
-    def __init__(self, target: str, timeout: float = 30.0, max_message_mb: int = 64,
-                 channel: grpc.Channel | None = None, *, token: str | None = None, tls_ca: str | None = None,
-                 tls_cert: str | None = None, tls_key: str | None = None) -> None:
+    def __init__(
+        self,
+        target: str,
+        timeout: float = 30.0,
+        max_message_mb: int = 64,
+        channel: grpc.Channel | None = None,
+        *,
+        token: str | None = None,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+    ) -> None:
         size = max_message_mb * 1024 * 1024
         options = [("grpc.max_send_message_length", size), ("grpc.max_receive_message_length", size)]
         if channel is None and tls_ca:
@@ -123,7 +139,9 @@ class RetrievalClient:
     def search_batch(self, requests: Sequence[pb.SearchRequest]) -> list[list[Hit]]:
         """Hits per request, in request order."""
         out: list[list[Hit]] = [[] for _ in requests]
-        for result in self.stub.SearchBatch(pb.SearchBatchRequest(queries=list(requests)), timeout=self.timeout, metadata=self.metadata):
+        for result in self.stub.SearchBatch(
+            pb.SearchBatchRequest(queries=list(requests)), timeout=self.timeout, metadata=self.metadata
+        ):
             out[result.query_index] = [Hit.from_proto(h) for h in result.hits]
         return out
 

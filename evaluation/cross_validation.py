@@ -34,10 +34,9 @@ from cbmir.index_build.bundle import Bundle, MethodIndex, flat_index
 from cbmir.index_build.index_types import build_index
 from cbmir.server.search_engine import SearchEngine
 from cbmir.training import TrainConfig
-from cbmir.training.splits import group_kfold
-from cbmir.training.trainer import save_checkpoint, train_extractor
-from cbmir.training.splits import group_codes
 from cbmir.training.dataset import LabelledImages, balanced_subsample
+from cbmir.training.splits import group_codes, group_kfold
+from cbmir.training.trainer import save_checkpoint, train_extractor
 
 from .protocols import K, parse_method, score_rankings
 
@@ -47,15 +46,22 @@ FIXED = ("cnn", "hog", "bovw")
 LEARNED = ("finetuned", "multiscale", "hashing", "classpred")
 
 
-def _method_index(name: str, extractor: str, descriptors: np.ndarray, metric: str, index_type: str = "flat",
-                  params: dict[str, Any] | None = None) -> MethodIndex:
+def _method_index(
+    name: str,
+    extractor: str,
+    descriptors: np.ndarray,
+    metric: str,
+    index_type: str = "flat",
+    params: dict[str, Any] | None = None,
+) -> MethodIndex:
     if index_type == "flat":
         index, view = flat_index(descriptors, metric)
     else:
         index, params = build_index(descriptors, metric, index_type, params)
         view = np.ascontiguousarray(descriptors, dtype=np.float32)
-    return MethodIndex(name, extractor, {}, metric, descriptors.shape[1], index_type, index, view, {},
-                       {"index_params": params or {}})
+    return MethodIndex(
+        name, extractor, {}, metric, descriptors.shape[1], index_type, index, view, {}, {"index_params": params or {}}
+    )
 
 
 def _describe(extractor: Any, images: Sequence[np.ndarray], batch: int = 256) -> np.ndarray:
@@ -151,13 +157,22 @@ def cross_validate(
         ft: CNNExtractor | None = None
         if needed & set(LEARNED):
             cfg_fold = TrainConfig(**{**asdict(train_config), "seed": train_config.seed + fold})
-            result = train_extractor([data.images[i] for i in train], [labels[i] for i in train],
-                                     [groups[i] for i in train], cfg_fold, progress=progress)
+            result = train_extractor(
+                [data.images[i] for i in train],
+                [labels[i] for i in train],
+                [groups[i] for i in train],
+                cfg_fold,
+                progress=progress,
+            )
             result.training["label_field"] = label_field
             ft = result.extractor
             ft.training = result.training
-            info.update(train_s=round(result.seconds, 1), best_epoch=result.best_epoch,
-                        best_val_mAP=result.best_val_map, epochs_run=len(result.history))
+            info.update(
+                train_s=round(result.seconds, 1),
+                best_epoch=result.best_epoch,
+                best_val_mAP=result.best_val_map,
+                epochs_run=len(result.history),
+            )
             t0 = time.perf_counter()
             raw = np.concatenate([ft.extract(data.images[s : s + 256]) for s in range(0, n, 256)])
             descriptors = ft.transform(raw)
@@ -166,25 +181,35 @@ def cross_validate(
             if "classpred" in needed:
                 learned["classpred"] = learned["finetuned"]
                 probs = ft.class_probabilities(raw[test])
-                extra["head_correct"] += int((np.asarray(ft.classes)[probs.argmax(1)] == np.asarray(labels)[test]).sum())
+                extra["head_correct"] += int(
+                    (np.asarray(ft.classes)[probs.argmax(1)] == np.asarray(labels)[test]).sum()
+                )
             if "hashing" in needed:
                 t0 = time.perf_counter()
-                learned["hashing"] = _method_index("hashing", "cnn", descriptors, "l2", "itq",
-                                                   {"bits": hashing_bits, "k_factor": hashing_k_factor})
+                learned["hashing"] = _method_index(
+                    "hashing", "cnn", descriptors, "l2", "itq", {"bits": hashing_bits, "k_factor": hashing_k_factor}
+                )
                 info["hashing_build_s"] = round(time.perf_counter() - t0, 2)
                 speed["flat_ms"].append(_search_ms(learned["finetuned"].index, descriptors[test]))
                 speed["hashing_ms"].append(_search_ms(learned["hashing"].index, descriptors[test]))
             if "multiscale" in needed:
                 with tempfile.TemporaryDirectory() as tmp:
                     ckpt = save_checkpoint(result, Path(tmp) / "fold.pt")
-                    ms = CNNExtractor(model=train_config.model, weights=str(ckpt), image_size=train_config.image_size,
-                                      stages=multiscale_stages, pca_dim=min(multiscale_dim, n), device=device)
+                    ms = CNNExtractor(
+                        model=train_config.model,
+                        weights=str(ckpt),
+                        image_size=train_config.image_size,
+                        stages=multiscale_stages,
+                        pca_dim=min(multiscale_dim, n),
+                        device=device,
+                    )
                     ms.load_pretrained()
                 t0 = time.perf_counter()
                 learned["multiscale"] = _method_index("multiscale", "cnn", _describe(ms, data.images), "l2")
                 info["multiscale_describe_s"] = round(time.perf_counter() - t0, 1)
-        bundle = Bundle(Path(f"cv-fold-{fold}"), {}, list(data.ids), list(data.ids), data.metadata,
-                        {**fixed, **learned})
+        bundle = Bundle(
+            Path(f"cv-fold-{fold}"), {}, list(data.ids), list(data.ids), data.metadata, {**fixed, **learned}
+        )
         engine = SearchEngine(bundle, device=device, extractors={"classpred": ft} if ft is not None else None)
         fold_excluded = [excluded[i] for i in test]
         for spec in methods:
@@ -194,16 +219,26 @@ def cross_validate(
             if method == "classpred" and ft is not None:
                 probs = ft.class_probabilities(raw[test])
                 result_rows, predicted = engine.search_predicted_class(
-                    method, queries, probs, K, min_confidence=min_confidence, exclude=fold_excluded,
-                    rerank=rerank, rerank_queries=rerank_q, k_prep=k_prep)
+                    method,
+                    queries,
+                    probs,
+                    K,
+                    min_confidence=min_confidence,
+                    exclude=fold_excluded,
+                    rerank=rerank,
+                    rerank_queries=rerank_q,
+                    k_prep=k_prep,
+                )
                 routed = predicted >= 0
                 extra["classpred_routed"] += int(routed.sum())
                 extra["classpred_correct"] += int(
-                    (np.asarray(ft.classes)[predicted[routed]] == np.asarray(labels)[test][routed]).sum())
+                    (np.asarray(ft.classes)[predicted[routed]] == np.asarray(labels)[test][routed]).sum()
+                )
                 rows[spec][test] = result_rows.rows
             else:
-                rows[spec][test] = engine.search(method, queries, K, exclude=fold_excluded, rerank=rerank,
-                                                 rerank_queries=rerank_q, k_prep=k_prep).rows
+                rows[spec][test] = engine.search(
+                    method, queries, K, exclude=fold_excluded, rerank=rerank, rerank_queries=rerank_q, k_prep=k_prep
+                ).rows
         fold_info.append(info)
         log.info("fold %d/%d done: %s", fold + 1, folds, info)
 
@@ -221,7 +256,9 @@ def cross_validate(
     if speed["flat_ms"]:
         summary["flat_search_ms_per_query"] = round(float(np.median(speed["flat_ms"])), 4)
         summary["hashing_search_ms_per_query"] = round(float(np.median(speed["hashing_ms"])), 4)
-        summary["hashing_speedup"] = round(summary["flat_search_ms_per_query"] / summary["hashing_search_ms_per_query"], 2)
+        summary["hashing_speedup"] = round(
+            summary["flat_search_ms_per_query"] / summary["hashing_search_ms_per_query"], 2
+        )
     doc: dict[str, Any] = {
         "results": results,
         "summary": summary,

@@ -158,21 +158,21 @@ def evaluate(
         rows = np.empty((n_queries, K), dtype=np.int64)
         t0 = time.perf_counter()
         chunks = range(0, n_queries, batch)
+
+        def vectors(name: str, start: int, stop: int) -> np.ndarray:
+            if self_rows is not None:
+                return bundle.methods[name].descriptors[start:stop]
+            return query_vectors[name][start:stop]
+
         for start in tqdm(chunks, desc=f"eval {spec}", disable=not progress, leave=False):
             stop = min(start + batch, n_queries)
-
-            def vectors(name: str) -> np.ndarray:
-                if self_rows is not None:
-                    return bundle.methods[name].descriptors[start:stop]
-                return query_vectors[name][start:stop]
-
             result = engine.search(
                 method,
-                vectors(method),
+                vectors(method, start, stop),
                 K,
                 exclude=excluded[start:stop],
                 rerank=rerank,
-                rerank_queries=vectors(rerank) if rerank else None,
+                rerank_queries=vectors(rerank, start, stop) if rerank else None,
                 k_prep=k_prep,
             )
             rows[start:stop] = result.rows
@@ -200,9 +200,16 @@ def evaluate(
             "exclude_same": exclude_same,
             "k": K,
             "k_prep": k_prep,
-            "methods": {name: {"extractor": m.extractor, "config": m.config, "metric": m.metric, "dim": m.dim,
-                               **{k: m.info[k] for k in ("images_per_s", "extract_s", "fit_s") if k in m.info}}
-                        for name, m in bundle.methods.items()},
+            "methods": {
+                name: {
+                    "extractor": m.extractor,
+                    "config": m.config,
+                    "metric": m.metric,
+                    "dim": m.dim,
+                    **{k: m.info[k] for k in ("images_per_s", "extract_s", "fit_s") if k in m.info},
+                }
+                for name, m in bundle.methods.items()
+            },
             "build": bundle.manifest.get("build", {}),
             "platform": platform.platform(),
         },

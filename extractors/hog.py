@@ -84,7 +84,13 @@ class HOGExtractor(Extractor):
     metric = "l1"
 
     def __init__(
-        self, image_size: int = 256, cell: int = 64, block: int = 2, bins: int = 15, device: str = "auto", batch: int = 64
+        self,
+        image_size: int = 256,
+        cell: int = 64,
+        block: int = 2,
+        bins: int = 15,
+        device: str = "auto",
+        batch: int = 64,
     ) -> None:
         if image_size // cell < block:
             raise InvalidInputError(f"image_size {image_size} holds fewer than {block} cells of {cell} pixels")

@@ -21,12 +21,8 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-# cbmir enforces its own pixel limit (max_pixels) right after reading the header; PIL's warning would only be noise.
-warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
-
 from cbmir.defaults import DEFAULT_MAX_PIXELS
 from cbmir.errors import InvalidInputError
-
 
 DicomWindows = Mapping[str, tuple[float, float]]
 """Modality -> (window centre, window width) applied to DICOM files that carry no VOI window of their own, in
@@ -229,9 +225,7 @@ def pixels_from_buffer(width: int, height: int, dtype: str, data: bytes) -> np.n
     itemsize = np.dtype(allowed[dtype]).itemsize
     expected = width * height * itemsize
     if len(data) != expected:
-        raise InvalidInputError(
-            f"pixel buffer has {len(data)} bytes but {width}x{height} {dtype} needs {expected}"
-        )
+        raise InvalidInputError(f"pixel buffer has {len(data)} bytes but {width}x{height} {dtype} needs {expected}")
     return to_unit_gray(np.frombuffer(data, dtype=allowed[dtype]).reshape(height, width))
 
 

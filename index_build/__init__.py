@@ -5,5 +5,17 @@ from .build import BuildReport, build_bundle
 from .bundle import Bundle, MethodIndex, load_bundle
 from .update import UpdateReport, add_to_bundle, remove_from_bundle
 
-__all__ = ["Archive", "ArchiveEntry", "Bundle", "BuildReport", "ImageRecord", "MethodIndex", "UpdateReport",
-           "add_to_bundle", "build_bundle", "load_bundle", "open_archive", "remove_from_bundle"]
+__all__ = [
+    "Archive",
+    "ArchiveEntry",
+    "Bundle",
+    "BuildReport",
+    "ImageRecord",
+    "MethodIndex",
+    "UpdateReport",
+    "add_to_bundle",
+    "build_bundle",
+    "load_bundle",
+    "open_archive",
+    "remove_from_bundle",
+]

@@ -146,9 +146,7 @@ class ZipArchive(Archive):
             self._zip = zipfile.ZipFile(self.path)
         except (OSError, zipfile.BadZipFile) as exc:
             raise InvalidInputError(f"cannot open zip archive {self.path}: {exc}") from exc
-        members = [
-            n for n in self._zip.namelist() if not n.endswith("/") and Path(n).suffix.lower() in IMAGE_SUFFIXES
-        ]
+        members = [n for n in self._zip.namelist() if not n.endswith("/") and Path(n).suffix.lower() in IMAGE_SUFFIXES]
         rows = read_labels_csv(labels) if labels else None
         entries = []
         for name in members:

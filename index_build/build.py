@@ -171,13 +171,14 @@ def build_bundle(
     methods: dict[str, Extractor] = {}
     t0 = time.perf_counter()
     for name, config in extractors.items():
-        methods[name] = create_extractor(config.get("extractor", name), **_without(config, "extractor"),
-                                         device=device)
+        methods[name] = create_extractor(config.get("extractor", name), **_without(config, "extractor"), device=device)
     timings["load_models"] = time.perf_counter() - t0
     requested = index_type if isinstance(index_type, dict) else {name: index_type for name in methods}
     unknown = sorted(set(requested) - set(methods))
     if unknown:
-        raise InvalidInputError(f"--index-type names method(s) {unknown} that are not built; methods: {sorted(methods)}")
+        raise InvalidInputError(
+            f"--index-type names method(s) {unknown} that are not built; methods: {sorted(methods)}"
+        )
     for name, ex in methods.items():
         check_index_type(requested.get(name, "flat"), ex.metric)
 

@@ -109,7 +109,7 @@ class BundleWriter:
             with open(path, "rb") as fh:
                 os.fsync(fh.fileno())
             files[name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-        now = _dt.datetime.now(_dt.timezone.utc)
+        now = _dt.datetime.now(_dt.UTC)
         version = f"v{now.strftime('%Y%m%dT%H%M%S%fZ')}-{uuid.uuid4().hex[:6]}"
         manifest = {
             "format": FORMAT,
@@ -286,8 +286,12 @@ def load_bundle(path: str | os.PathLike[str], *, verify: bool = True) -> Bundle:
     ids, uris, metadata = records["ids"], records["uris"], records["metadata"]
     count = manifest["count"]
     hashes = records.get("content_sha256") or [""] * count
-    if (len(ids) != count or len(uris) != count or len(hashes) != count
-            or any(len(col) != count for col in metadata.values())):
+    if (
+        len(ids) != count
+        or len(uris) != count
+        or len(hashes) != count
+        or any(len(col) != count for col in metadata.values())
+    ):
         raise BundleError(f"{version_dir / RECORDS}: holds a different number of records than the manifest's {count}")
     methods = {}
     for name, info in manifest["methods"].items():

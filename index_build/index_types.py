@@ -74,8 +74,9 @@ def check_index_type(index_type: str, metric: str) -> None:
     if metric == "l1" and index_type in ("sq8", "ivfpq"):
         raise InvalidInputError(f"index type {index_type} does not support the L1 metric; use flat, ivf or hnsw")
     if index_type == "itq" and metric != "l2":
-        raise InvalidInputError(f"index type itq re-ranks with FAISS's L2 refinement only; the {metric} metric needs "
-                                "flat, ivf or hnsw")
+        raise InvalidInputError(
+            f"index type itq re-ranks with FAISS's L2 refinement only; the {metric} metric needs flat, ivf or hnsw"
+        )
 
 
 def build_index(

@@ -71,10 +71,11 @@ def _publish(
             if method.index_type != "flat":
                 if appended:
                     index = faiss.deserialize_index(faiss.serialize_index(method.index))  # a copy of any type
-                    index.add(np.ascontiguousarray(descriptors[name][len(bundle):], dtype=np.float32))
+                    index.add(np.ascontiguousarray(descriptors[name][len(bundle) :], dtype=np.float32))
                 else:
-                    index, _ = build_index(descriptors[name], method.metric, method.index_type,
-                                           info.get("index_params"))
+                    index, _ = build_index(
+                        descriptors[name], method.metric, method.index_type, info.get("index_params")
+                    )
                 files["index"] = f"{name}.faiss"
                 writer.write_bytes(files["index"], faiss.serialize_index(index))
             info["files"] = files
@@ -83,8 +84,10 @@ def _publish(
         manifest.update(
             count=len(records),
             methods=methods,
-            history=[*bundle.manifest.get("history", []), {**operation, "from_version": bundle.version,
-                     "at": _dt.datetime.now(_dt.timezone.utc).isoformat()}],
+            history=[
+                *bundle.manifest.get("history", []),
+                {**operation, "from_version": bundle.version, "at": _dt.datetime.now(_dt.UTC).isoformat()},
+            ],
         )
         return writer.commit(manifest)
 
@@ -147,9 +150,17 @@ def add_to_bundle(
             for name, ex in extractors.items()
         }
         path = _publish(
-            root, bundle, _records(bundle, np.arange(len(bundle))) + added, descriptors,
-            {"op": "add", "source": archive.source, "added": len(added), "duplicates": len(duplicates),
-             "skipped": len(extraction.skipped)},
+            root,
+            bundle,
+            _records(bundle, np.arange(len(bundle))) + added,
+            descriptors,
+            {
+                "op": "add",
+                "source": archive.source,
+                "added": len(added),
+                "duplicates": len(duplicates),
+                "skipped": len(extraction.skipped),
+            },
             appended=True,
         )
     return UpdateReport(path, len(bundle) + len(added), [r[0] for r in added], duplicates, [], extraction.skipped)
@@ -176,6 +187,12 @@ def remove_from_bundle(root: str | os.PathLike[str], ids: Sequence[str], *, miss
             return UpdateReport(bundle.path, len(bundle))
         keep_rows = np.flatnonzero(~drop)
         descriptors = {name: np.asarray(m.descriptors[keep_rows]) for name, m in bundle.methods.items()}
-        path = _publish(root, bundle, _records(bundle, keep_rows), descriptors,
-                        {"op": "remove", "removed": len(removed)}, appended=False)
+        path = _publish(
+            root,
+            bundle,
+            _records(bundle, keep_rows),
+            descriptors,
+            {"op": "remove", "removed": len(removed)},
+            appended=False,
+        )
     return UpdateReport(path, len(keep_rows), removed=removed)

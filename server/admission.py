@@ -68,8 +68,9 @@ class Admission:
 class RequestScope:
     """Admission control, timing, cancellation accounting and the one structured log line per request."""
 
-    def __init__(self, admission: Admission, rpc: str, context: grpc.ServicerContext,
-                 engine: Callable[[], SearchEngine]) -> None:
+    def __init__(
+        self, admission: Admission, rpc: str, context: grpc.ServicerContext, engine: Callable[[], SearchEngine]
+    ) -> None:
         self.admission, self.rpc, self.context, self._engine = admission, rpc, context, engine
         self.record: dict[str, Any] = {"rpc": rpc, "peer": context.peer()}
         self._recording = recording()
@@ -103,8 +104,10 @@ class RequestScope:
             status = code.name
         self.record.update(
             status=status,
-            ms={**{k: round(v, 3) for k, v in self.stages.items()},
-                "total": round((time.perf_counter() - self.t0) * 1000, 3)},
+            ms={
+                **{k: round(v, 3) for k, v in self.stages.items()},
+                "total": round((time.perf_counter() - self.t0) * 1000, 3),
+            },
         )
         log.info(json.dumps(self.record, default=str))
         return suppress

@@ -83,7 +83,7 @@ class MicroBatcher:
         try:
             with recording() as stages:
                 out = self._describe(images)
-        except Exception as exc:  # noqa: BLE001  (handed to the request that caused it)
+        except Exception as exc:
             if len(pending) > 1:
                 for one in pending:
                     self._process([one])

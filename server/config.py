@@ -36,7 +36,8 @@ class ServerConfig:
     )
     max_message_mb: int = field(default=64, metadata=option("largest request or response, in MiB"))
     max_pixels: int = field(
-        default=DEFAULT_MAX_PIXELS, metadata=option("largest decoded query image (width x height), checked before decoding")
+        default=DEFAULT_MAX_PIXELS,
+        metadata=option("largest decoded query image (width x height), checked before decoding"),
     )
     device: str = field(default="auto", metadata=option("where extractors run", device=True))
     default_method: str = field(default="cnn", metadata=option("method of requests that name none (if indexed)"))
@@ -48,8 +49,11 @@ class ServerConfig:
     )
     watch_s: float = field(
         default=0.0,
-        metadata=option("check for a new bundle version this often and swap it in (also SIGHUP, Reload RPC; 0: off)",
-                        flag="--watch", metavar="SECONDS"),
+        metadata=option(
+            "check for a new bundle version this often and swap it in (also SIGHUP, Reload RPC; 0: off)",
+            flag="--watch",
+            metavar="SECONDS",
+        ),
     )
     tls_cert: str | None = field(default=None, metadata=option("PEM server certificate (turns on TLS, with --tls-key)"))
     tls_key: str | None = field(default=None, metadata=option("PEM private key of --tls-cert"))

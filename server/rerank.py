@@ -7,7 +7,9 @@ import numpy as np
 _CHUNK_ELEMENTS = 1 << 24
 
 
-def candidate_distances(queries: np.ndarray, descriptors: np.ndarray, candidates: np.ndarray, metric: str) -> np.ndarray:
+def candidate_distances(
+    queries: np.ndarray, descriptors: np.ndarray, candidates: np.ndarray, metric: str
+) -> np.ndarray:
     """Distance from each query to each of its candidates.
 
     Args:

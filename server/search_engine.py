@@ -193,7 +193,9 @@ class SearchEngine:
             )
         field = (extractor.training or {}).get("label_field") or "label"
         if field not in self._values:
-            raise InvalidInputError(f"class-predicted search needs the metadata field {field!r}, absent from this index")
+            raise InvalidInputError(
+                f"class-predicted search needs the metadata field {field!r}, absent from this index"
+            )
         return extractor, field
 
     def search_predicted_class(

@@ -57,7 +57,7 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
         header = next((v for k, v in metadata or () if k == "authorization"), None)
         if not isinstance(header, str) or not header.startswith("Bearer "):
             return None
-        given = header[len("Bearer "):].encode()
+        given = header[len("Bearer ") :].encode()
         role = None
         for token, token_role in self._tokens:
             if hmac.compare_digest(given, token):
@@ -72,7 +72,8 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
             raise PermissionDeniedError(f"{method} needs an admin token")
 
     def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
         handler = continuation(handler_call_details)

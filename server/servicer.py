@@ -77,17 +77,28 @@ class RetrievalService(pb_grpc.RetrievalServicer):
             self._live = (engine, batchers)
             for batcher in old_batchers.values():
                 batcher.close()
-            log.info(json.dumps({"event": "loaded", "index": str(engine.bundle.path), "version": engine.bundle.version,
-                                 "previous": None if old is None else old.bundle.version, "count": len(engine.bundle),
-                                 "methods": engine.methods, "seconds": round(time.perf_counter() - t0, 3)}))
+            log.info(
+                json.dumps(
+                    {
+                        "event": "loaded",
+                        "index": str(engine.bundle.path),
+                        "version": engine.bundle.version,
+                        "previous": None if old is None else old.bundle.version,
+                        "count": len(engine.bundle),
+                        "methods": engine.methods,
+                        "seconds": round(time.perf_counter() - t0, 3),
+                    }
+                )
+            )
             return True
 
     def Reload(self, request: pb.ReloadRequest, context: grpc.ServicerContext) -> pb.ReloadResponse:
         previous = self._engine().bundle.version
         changed = self.load()
         engine = self._engine()
-        return pb.ReloadResponse(version=engine.bundle.version, previous_version=previous, changed=changed,
-                                 count=len(engine.bundle))
+        return pb.ReloadResponse(
+            version=engine.bundle.version, previous_version=previous, changed=changed, count=len(engine.bundle)
+        )
 
     # ----------------------------------------------------------------------------------------------- RPCs
     def Search(self, request: pb.SearchRequest, context: grpc.ServicerContext) -> Iterator[pb.SearchHit]:
@@ -104,7 +115,9 @@ class RetrievalService(pb_grpc.RetrievalServicer):
                 context.set_trailing_metadata((("cbmir-predicted-class", plan.predicted_class),))
         yield from self._stream(hits, context, lambda _: 1)
 
-    def SearchBatch(self, request: pb.SearchBatchRequest, context: grpc.ServicerContext) -> Iterator[pb.SearchBatchResult]:
+    def SearchBatch(
+        self, request: pb.SearchBatchRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.SearchBatchResult]:
         if not request.queries:
             raise InvalidInputError("SearchBatch needs at least one query")
         if len(request.queries) > self.config.max_batch:
@@ -135,8 +148,14 @@ class RetrievalService(pb_grpc.RetrievalServicer):
             version=engine.bundle.version,
             count=len(engine.bundle),
             methods=[
-                pb.MethodInfo(name=m.name, extractor=m.extractor, dim=m.dim, metric=m.metric,
-                              index_type=m.index_type, config_json=json.dumps(m.config))
+                pb.MethodInfo(
+                    name=m.name,
+                    extractor=m.extractor,
+                    dim=m.dim,
+                    metric=m.metric,
+                    index_type=m.index_type,
+                    config_json=json.dumps(m.config),
+                )
                 for m in engine.bundle.methods.values()
             ],
             filter_fields=engine.filter_fields,
@@ -216,15 +235,20 @@ class RetrievalService(pb_grpc.RetrievalServicer):
                 "allowed": first.allowed,
                 "exclude": [plans[i].exclude for i in members],
                 "rerank": first.rerank,
-                "rerank_queries": None if first.rerank is None else np.concatenate(
-                    [plans[i].rerank_vector for i in members]),
+                "rerank_queries": None
+                if first.rerank is None
+                else np.concatenate([plans[i].rerank_vector for i in members]),
                 "k_prep": first.k_prep,
             }
             queries = np.concatenate([plans[i].vector for i in members])
             if first.min_class_confidence is not None:
                 result, predicted = engine.search_predicted_class(
-                    first.method, queries, np.concatenate([plans[i].probabilities for i in members]), first.k,
-                    min_confidence=first.min_class_confidence, **common,
+                    first.method,
+                    queries,
+                    np.concatenate([plans[i].probabilities for i in members]),
+                    first.k,
+                    min_confidence=first.min_class_confidence,
+                    **common,
                 )
                 classes = engine.extractor(first.method).classes or []
                 for j, i in enumerate(members):
@@ -241,8 +265,13 @@ class RetrievalService(pb_grpc.RetrievalServicer):
     def _hits(engine: SearchEngine, rows: np.ndarray, dists: np.ndarray) -> list[pb.SearchHit]:
         bundle = engine.bundle
         return [
-            pb.SearchHit(id=bundle.ids[r], uri=bundle.uris[r], rank=rank, distance=float(d),
-                         metadata=bundle.record_metadata(int(r)))
+            pb.SearchHit(
+                id=bundle.ids[r],
+                uri=bundle.uris[r],
+                rank=rank,
+                distance=float(d),
+                metadata=bundle.record_metadata(int(r)),
+            )
             for rank, (r, d) in enumerate(zip(rows.tolist(), dists.tolist()), start=1)
             if r >= 0
         ]

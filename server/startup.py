@@ -48,6 +48,7 @@ def start_server(config: ServerConfig, *, wait_ready: bool = False) -> RunningSe
     """Bind, start serving (health NOT_SERVING), then load and warm the bundle in the background."""
     service = RetrievalService(config)
     message_bytes = config.max_message_mb * 1024 * 1024
+
     def init_worker() -> None:
         import faiss
 
@@ -88,7 +89,7 @@ def start_server(config: ServerConfig, *, wait_ready: bool = False) -> RunningSe
     def load() -> None:
         try:
             service.load()
-        except BaseException as exc:  # noqa: BLE001  (reported, server stays NOT_SERVING)
+        except BaseException as exc:
             failure.append(exc)
             log.error("cannot load index %s: %s", config.index, exc)
             ready.set()
@@ -123,7 +124,7 @@ def serve_forever(config: ServerConfig) -> None:
             return
         try:
             running.service.load()
-        except Exception as exc:  # noqa: BLE001  (keep serving the loaded version)
+        except Exception as exc:
             log.error(json.dumps({"event": "reload_failed", "reason": reason, "error": str(exc)}))
 
     def watch() -> None:

@@ -55,7 +55,8 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):
     """
 
     def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
         handler = continuation(handler_call_details)
@@ -76,7 +77,7 @@ def _mapped_unary(inner: Callable[[Any, grpc.ServicerContext], Any]) -> Callable
     def handle(request: Any, context: grpc.ServicerContext) -> Any:
         try:
             return inner(request, context)
-        except Exception as exc:  # noqa: BLE001  (mapped, never swallowed)
+        except Exception as exc:
             if _is_abort(exc):
                 raise
             abort_with(context, exc)
@@ -90,7 +91,7 @@ def _mapped_stream(
     def handle(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         try:
             yield from inner(request, context)
-        except Exception as exc:  # noqa: BLE001  (mapped, never swallowed)
+        except Exception as exc:
             if _is_abort(exc):
                 raise
             abort_with(context, exc)

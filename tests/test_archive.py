@@ -32,8 +32,9 @@ def test_folder_without_csv_labels_by_folder_and_reports_unreadable(tmp_path):
     archive = open_archive(tmp_path)
     assert sorted(e.metadata["label"] for e in archive.entries) == ["chest", "chest", "hand", "hand"]
     skipped = []
-    report = build_bundle(archive, tmp_path.parent / "out", {"hog": {}}, device="cpu", progress=False,
-                          on_skip=skipped.append)
+    report = build_bundle(
+        archive, tmp_path.parent / "out", {"hog": {}}, device="cpu", progress=False, on_skip=skipped.append
+    )
     assert report.count == 3 and len(report.skipped) == 1 == len(skipped)
     assert "broken.png" in report.skipped[0]["uri"] and "cannot decode" in report.skipped[0]["error"]
 

@@ -26,8 +26,9 @@ def test_offline_imagenet_weights_map_in_order_onto_timm():
 def test_descriptors_are_unit_length_batched_and_deterministic():
     rng = np.random.default_rng(0)
     images = [rng.random((50 + 10 * i, 60), dtype=np.float32) for i in range(5)]
-    ex = create_extractor("cnn", model="test_efficientnet", weights="random", image_size=48, device="cpu",
-                          forward_batch=2)
+    ex = create_extractor(
+        "cnn", model="test_efficientnet", weights="random", image_size=48, device="cpu", forward_batch=2
+    )
     batched = ex.describe(images)
     single = np.concatenate([ex.describe([im]) for im in images])
     assert batched.shape == (5, ex.dim)
@@ -52,9 +53,12 @@ def test_weights_file_and_restore_round_trip(tmp_path):
 
 def test_pca_whitening_reduces_and_decorrelates():
     rng = np.random.default_rng(0)
-    ex = create_extractor("cnn", model="test_efficientnet", weights="random", pca_dim=8, whiten=True,
-                          l2_normalize=False, device="cpu")
-    raw = rng.standard_normal((200, ex.raw_dim)).astype(np.float32) @ rng.standard_normal((ex.raw_dim, ex.raw_dim)).astype(np.float32)
+    ex = create_extractor(
+        "cnn", model="test_efficientnet", weights="random", pca_dim=8, whiten=True, l2_normalize=False, device="cpu"
+    )
+    raw = rng.standard_normal((200, ex.raw_dim)).astype(np.float32) @ rng.standard_normal(
+        (ex.raw_dim, ex.raw_dim)
+    ).astype(np.float32)
     ex.fit_archive(raw)
     out = ex.transform(raw)
     assert out.shape == (200, 8)

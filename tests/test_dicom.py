@@ -39,8 +39,15 @@ def test_orientation_and_intensity_match_the_raw_pixel_bytes() -> None:
     assert np.unravel_index(image.argmax(), image.shape) == np.unravel_index(expected.argmax(), expected.shape)
 
 
-@pytest.mark.parametrize("twin", ["emri_small_RLE.dcm", "emri_small_big_endian.dcm",
-                                  "emri_small_jpeg_2k_lossless.dcm", "emri_small_jpeg_ls_lossless.dcm"])
+@pytest.mark.parametrize(
+    "twin",
+    [
+        "emri_small_RLE.dcm",
+        "emri_small_big_endian.dcm",
+        "emri_small_jpeg_2k_lossless.dcm",
+        "emri_small_jpeg_ls_lossless.dcm",
+    ],
+)
 def test_lossless_transfer_syntaxes_decode_exactly_like_the_uncompressed_file(twin: str) -> None:
     plain, meta = decode_dicom(data("emri_small.dcm"))
     other, other_meta = decode_dicom(data(twin))
@@ -99,19 +106,28 @@ def test_two_bundles_with_different_windows_decode_one_dicom_differently_at_once
     (tmp_path / "ct").mkdir()
     for i in range(3):
         (tmp_path / "ct" / f"{i}.dcm").write_bytes(
-            synthetic_dicom(np.roll(ramp, 7 * i, axis=1), "MONOCHROME2", Modality="CT", RescaleSlope=1,
-                            RescaleIntercept=-1024))
+            synthetic_dicom(
+                np.roll(ramp, 7 * i, axis=1), "MONOCHROME2", Modality="CT", RescaleSlope=1, RescaleIntercept=-1024
+            )
+        )
     specs = {"soft": {"CT": (40, 400)}, "lung": {"CT": (-600, 1500)}}
     engines = {}
     for name, windows in specs.items():
-        build_bundle(open_archive(tmp_path / "ct", windows=dicom_windows(windows)), tmp_path / name, {"hog": {}},
-                     device="cpu", progress=False)
+        build_bundle(
+            open_archive(tmp_path / "ct", windows=dicom_windows(windows)),
+            tmp_path / name,
+            {"hog": {}},
+            device="cpu",
+            progress=False,
+        )
         engines[name] = SearchEngine(load_bundle(tmp_path / name), device="cpu")
         assert dict(engines[name].windows) == {"CT": tuple(float(v) for v in windows["CT"])}
     query = (tmp_path / "ct" / "1.dcm").read_bytes()
     hu = ramp.astype(np.float32) - 1024
-    expected = {name: np.clip((hu - (c - w / 2)) / w, 0, 1) for name, ((c, w),) in
-                ((n, tuple(s.values())) for n, s in specs.items())}
+    expected = {
+        name: np.clip((hu - (c - w / 2)) / w, 0, 1)
+        for name, ((c, w),) in ((n, tuple(s.values())) for n, s in specs.items())
+    }
     expected = {n: np.roll(e, 7, axis=1) for n, e in expected.items()}
     jobs = [name for _ in range(40) for name in specs]
     with ThreadPoolExecutor(8) as pool:
@@ -120,10 +136,11 @@ def test_two_bundles_with_different_windows_decode_one_dicom_differently_at_once
         np.testing.assert_allclose(image, expected[name], atol=1e-6)
     assert not np.allclose(expected["soft"], expected["lung"])
     # each bundle's stored descriptor of that file is its own engine's description of the query
-    for name, engine in engines.items():
+    for engine in engines.values():
         row = engine.bundle.row_of["1.dcm"]
-        np.testing.assert_allclose(engine.describe("hog", [engine.decode(query)])[0],
-                                   engine.method("hog").descriptors[row], atol=1e-5)
+        np.testing.assert_allclose(
+            engine.describe("hog", [engine.decode(query)])[0], engine.method("hog").descriptors[row], atol=1e-5
+        )
 
 
 def test_dicom_folder_build_keeps_header_metadata_as_filters(tmp_path: Path) -> None:

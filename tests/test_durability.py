@@ -28,15 +28,38 @@ def test_sigkill_at_random_points_never_corrupts_the_bundle(unifesp_subset, tmp_
     first = subset_csv(labels, tmp_path / "first.csv", slice(0, 60))
     second = subset_csv(labels, tmp_path / "second.csv", slice(60, 90))
     path = tmp_path / "b"
-    build_bundle(open_archive(root, first), path, {"hog": {}, "cnn": {"image_size": 32}}, device="cpu",
-                 progress=False)
+    build_bundle(open_archive(root, first), path, {"hog": {}, "cnn": {"image_size": 32}}, device="cpu", progress=False)
     rng = np.random.default_rng(int(os.environ.get("CBMIR_KILL_SEED", "7")))
     operations = [
-        _cli("add", "--index", str(path), "--images", str(root), "--labels", str(second), "--device", "cpu",
-             "--no-progress"),
+        _cli(
+            "add",
+            "--index",
+            str(path),
+            "--images",
+            str(root),
+            "--labels",
+            str(second),
+            "--device",
+            "cpu",
+            "--no-progress",
+        ),
         _cli("remove", "--index", str(path), "--ids", "images/00000.png", "--missing-ok"),
-        _cli("build", "--images", str(root), "--labels", str(first), "--extractors", "hog,cnn", "--image-size",
-             "32", "--device", "cpu", "--out", str(path), "--no-progress"),
+        _cli(
+            "build",
+            "--images",
+            str(root),
+            "--labels",
+            str(first),
+            "--extractors",
+            "hog,cnn",
+            "--image-size",
+            "32",
+            "--device",
+            "cpu",
+            "--out",
+            str(path),
+            "--no-progress",
+        ),
     ]
     completed = 0
     for attempt in range(KILLS):
@@ -57,8 +80,10 @@ def test_sigkill_at_random_points_never_corrupts_the_bundle(unifesp_subset, tmp_
             assert np.isfinite(method.descriptors).all()
         common = set(before.ids) & set(after.ids)
         for rid in list(common)[:20]:
-            np.testing.assert_array_equal(after.methods["hog"].descriptors[after.row_of[rid]],
-                                          before.methods["hog"].descriptors[before.row_of[rid]])
+            np.testing.assert_array_equal(
+                after.methods["hog"].descriptors[after.row_of[rid]],
+                before.methods["hog"].descriptors[before.row_of[rid]],
+            )
     subprocess.run(operations[0], check=True, capture_output=True)
     final = load_bundle(path)
     assert set(final.ids) >= {e.id for e in open_archive(root, second).entries}

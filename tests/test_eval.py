@@ -2,9 +2,9 @@ import json
 
 import numpy as np
 
+from cbmir.cli import main
 from cbmir.evaluation.metrics import precision_at_k
 from cbmir.evaluation.protocols import evaluate
-from cbmir.cli import main
 from cbmir.index_build import load_bundle
 from cbmir.server.search_engine import SearchEngine
 
@@ -32,12 +32,30 @@ def test_leave_one_out_with_patient_exclusion_matches_manual_computation(small_b
 
 def test_cli_eval_writes_json_and_cli_errors_are_clean(small_bundle, tmp_path, capsys):
     out = tmp_path / "r.json"
-    code = main(["eval", "--index", str(small_bundle), "--methods", "cnn,bovw", "--relevance", "label,modality",
-                 "--json", str(out), "--no-progress", "--device", "cpu"])
+    code = main(
+        [
+            "eval",
+            "--index",
+            str(small_bundle),
+            "--methods",
+            "cnn,bovw",
+            "--relevance",
+            "label,modality",
+            "--json",
+            str(out),
+            "--no-progress",
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0
     doc = json.loads(out.read_text())
     assert {(r["method"], r["relevance"]) for r in doc["results"]} == {
-        ("cnn", "label"), ("cnn", "modality"), ("bovw", "label"), ("bovw", "modality")}
+        ("cnn", "label"),
+        ("cnn", "modality"),
+        ("bovw", "label"),
+        ("bovw", "modality"),
+    }
     modality = [r for r in doc["results"] if r["relevance"] == "modality"]
     assert all(r["seed_mAP"] == 1.0 for r in modality)  # every UNIFESP image is CR
     assert "| cnn | label |" in capsys.readouterr().out
@@ -58,8 +76,14 @@ def test_external_query_set_is_described_by_the_bundles_extractors(small_bundle,
         writer.writerows(rows[::9])  # 10 of the archived images, re-described from their files
     from cbmir.index_build import open_archive
 
-    doc = evaluate(load_bundle(small_bundle), ["hog"], ["label"], queries=open_archive(root, queries_csv),
-                   device="cpu", progress=False)
+    doc = evaluate(
+        load_bundle(small_bundle),
+        ["hog"],
+        ["label"],
+        queries=open_archive(root, queries_csv),
+        device="cpu",
+        progress=False,
+    )
     result = doc["results"][0]
     assert doc["config"]["protocol"] == "external queries" and result["queries"] == 10
     # Each query is itself in the archive: its own copy ranks first, so P@1 is exactly 1.

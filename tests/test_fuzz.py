@@ -27,12 +27,18 @@ PROPER = {
     grpc.StatusCode.NOT_FOUND,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
-FUZZ = settings(max_examples=1500, deadline=None, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=1500,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 
 def png_bytes(width: int, height: int, payload: bytes = b"") -> bytes:
     """A PNG whose header claims ``width`` x ``height`` (valid CRCs) with whatever pixel data follows."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
@@ -49,8 +55,18 @@ def real_png(seed: int) -> bytes:
 
 @pytest.fixture(scope="module")
 def fuzz_target(small_bundle: Path):
-    running = start_server(ServerConfig(index=str(small_bundle), port=0, device="cpu", max_message_mb=2,
-                                        max_pixels=4_000_000, workers=4, default_method="hog"), wait_ready=True)
+    running = start_server(
+        ServerConfig(
+            index=str(small_bundle),
+            port=0,
+            device="cpu",
+            max_message_mb=2,
+            max_pixels=4_000_000,
+            workers=4,
+            default_method="hog",
+        ),
+        wait_ready=True,
+    )
     channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
     stub = pb_grpc.RetrievalStub(channel)
     baseline = _valid_answer(stub)
@@ -82,11 +98,13 @@ corrupt_images = st.one_of(
     st.binary(max_size=2048),
     st.integers(0, 2000).map(lambda n: real_png(1)[:n]),
     st.tuples(st.integers(0, 2**31 - 1), st.integers(0, 2**31 - 1), st.binary(max_size=64)).map(
-        lambda t: png_bytes(*t)),
+        lambda t: png_bytes(*t)
+    ),
     st.binary(max_size=512).map(lambda b: b"\x00" * 128 + b"DICM" + b),
     st.binary(max_size=256).map(lambda b: b"\xff\xd8\xff\xe0" + b),
     st.tuples(st.integers(0, 3000), st.binary(min_size=1, max_size=8)).map(
-        lambda t: real_png(2)[: t[0]] + t[1] + real_png(2)[t[0] + len(t[1]):]),
+        lambda t: real_png(2)[: t[0]] + t[1] + real_png(2)[t[0] + len(t[1]) :]
+    ),
 )
 
 
@@ -111,8 +129,14 @@ requests = st.builds(
     method=st.sampled_from(["", "hog", "cnn", "bovw", "nope", "cnn+hog", "\x00"]),
     rerank=st.sampled_from(["", "hog", "cnn", "bovw", "missing"]),
     k_prep=st.integers(0, 2**32 - 1),
-    filters=st.lists(st.builds(pb.MetadataFilter, field=st.sampled_from(["label", "patient_id", "", "x"]),
-                               values=st.lists(st.text(max_size=8), max_size=3)), max_size=3),
+    filters=st.lists(
+        st.builds(
+            pb.MetadataFilter,
+            field=st.sampled_from(["label", "patient_id", "", "x"]),
+            values=st.lists(st.text(max_size=8), max_size=3),
+        ),
+        max_size=3,
+    ),
     exclude_ids=st.lists(st.text(max_size=20), max_size=5),
     include_self=st.booleans(),
     predict_class=st.booleans(),
@@ -121,12 +145,15 @@ requests = st.builds(
 
 
 @FUZZ
-@given(request=requests, query=st.one_of(
-    st.builds(lambda v: {"vector": pb.Vector(values=v)}, st.lists(finite_or_not, max_size=300)),
-    st.builds(lambda p: {"pixels": p}, pixel_arrays),
-    st.builds(lambda s: {"archive_id": s}, st.one_of(st.text(max_size=30), st.just("images/00000.png"))),
-    st.just({}),
-))
+@given(
+    request=requests,
+    query=st.one_of(
+        st.builds(lambda v: {"vector": pb.Vector(values=v)}, st.lists(finite_or_not, max_size=300)),
+        st.builds(lambda p: {"pixels": p}, pixel_arrays),
+        st.builds(lambda s: {"archive_id": s}, st.one_of(st.text(max_size=30), st.just("images/00000.png"))),
+        st.just({}),
+    ),
+)
 def test_malformed_requests_get_proper_statuses(fuzz_target, request: pb.SearchRequest, query: dict) -> None:
     _, stub, _ = fuzz_target
     for field, value in query.items():

@@ -39,8 +39,9 @@ def synthetic_dicom(pixels: np.ndarray, photometric: str, **extra) -> bytes:
 def test_dicom_window_and_monochrome1_inversion_by_hand():
     pixels = np.array([[0, 100], [200, 300]], dtype=np.uint16)
     # Rescale: HU = 2 * p - 100 -> [-100, 100, 300, 500]; window centre 200, width 401 clips to [0, 400].
-    data = synthetic_dicom(pixels, "MONOCHROME2", RescaleSlope=2, RescaleIntercept=-100, WindowCenter=200,
-                           WindowWidth=401)
+    data = synthetic_dicom(
+        pixels, "MONOCHROME2", RescaleSlope=2, RescaleIntercept=-100, WindowCenter=200, WindowWidth=401
+    )
     image, meta = decode_dicom(data)
     np.testing.assert_allclose(image, [[0.0, 0.25], [0.75, 1.0]], atol=0.01)
     inverted, _ = decode_dicom(synthetic_dicom(pixels, "MONOCHROME1"))

@@ -13,8 +13,9 @@ def clustered(n=3000, d=32, seed=0):
     return (centres[rng.integers(0, 30, n)] + 0.3 * rng.standard_normal((n, d))).astype(np.float32)
 
 
-@pytest.mark.parametrize(("index_type", "metric"), [("ivf", "l2"), ("hnsw", "l2"), ("hnsw", "l1"), ("sq8", "cosine"),
-                                                     ("ivfpq", "l2")])
+@pytest.mark.parametrize(
+    ("index_type", "metric"), [("ivf", "l2"), ("hnsw", "l2"), ("hnsw", "l1"), ("sq8", "cosine"), ("ivfpq", "l2")]
+)
 def test_approximate_indices_recall_against_flat(index_type, metric):
     x = clustered()
     if metric == "cosine":
@@ -37,8 +38,9 @@ def test_unsupported_combinations_and_auto_policy():
 
 def test_hnsw_bundle_round_trip_and_exact_filters(unifesp_subset, tmp_path):
     root, labels = unifesp_subset
-    report = build_bundle(open_archive(root, labels), tmp_path / "b", {"hog": {}}, device="cpu", progress=False,
-                          index_type="hnsw")
+    report = build_bundle(
+        open_archive(root, labels), tmp_path / "b", {"hog": {}}, device="cpu", progress=False, index_type="hnsw"
+    )
     bundle = load_bundle(tmp_path / "b")
     assert bundle.methods["hog"].index_type == "hnsw" and (report.path / "hog.faiss").is_file()
     assert bundle.manifest["methods"]["hog"]["index_params"]["efSearch"] > 0

@@ -30,8 +30,7 @@ def growing_bundle(unifesp_subset, tmp_path: Path):
 
 def test_reload_swaps_versions_without_failed_or_mixed_requests(growing_bundle) -> None:
     path, more = growing_bundle
-    running = start_server(ServerConfig(index=str(path), port=0, device="cpu", max_k=100, workers=8),
-                           wait_ready=True)
+    running = start_server(ServerConfig(index=str(path), port=0, device="cpu", max_k=100, workers=8), wait_ready=True)
     v1 = load_bundle(path)
     query = v1.methods["hog"].descriptors[0]
     answers: list[tuple[int, frozenset[str]]] = []
@@ -101,8 +100,12 @@ def test_failed_reload_keeps_serving_the_loaded_version(growing_bundle) -> None:
 def test_serve_process_picks_up_new_versions(growing_bundle, trigger: str) -> None:
     path, more = growing_bundle
     extra = ["--watch", "0.5"] if trigger == "watch" else []
-    proc = subprocess.Popen([sys.executable, "-m", "cbmir.cli", "serve", "--index", str(path), "--port", "0",
-                             "--device", "cpu", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cbmir.cli", "serve", "--index", str(path), "--port", "0", "--device", "cpu", *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = proc.stdout.readline()
         assert "serving" in line, proc.stderr.read()

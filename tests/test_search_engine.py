@@ -45,7 +45,7 @@ def test_filter_is_exact_even_when_it_matches_few_images(engine):
     res = engine.search("cnn", q, 10, allowed=allowed)
     got = res.rows[0][res.rows[0] >= 0]
     assert sorted(got) == sorted(expected_rows)
-    assert np.isinf(res.distances[0, len(got):]).all()
+    assert np.isinf(res.distances[0, len(got) :]).all()
     # A filter matching many images still returns k hits, all matching, in exact order.
     chest = engine.allowed_rows({"label": ["Chest", "Abdomen"]})
     res = engine.search("hog", engine.method("hog").descriptors[:3], 20, allowed=chest)
@@ -65,8 +65,15 @@ def test_exclusions_and_rerank(engine):
     res = engine.search("cnn", d[:5], 5, exclude=[np.array([i]) for i in range(5)])
     assert all(i not in res.rows[i] for i in range(5))
     plain = engine.search("cnn", d[:5], 20, exclude=[np.array([i]) for i in range(5)])
-    rr = engine.search("cnn", d[:5], 5, exclude=[np.array([i]) for i in range(5)], rerank="hog",
-                       rerank_queries=engine.method("hog").descriptors[:5], k_prep=20)
+    rr = engine.search(
+        "cnn",
+        d[:5],
+        5,
+        exclude=[np.array([i]) for i in range(5)],
+        rerank="hog",
+        rerank_queries=engine.method("hog").descriptors[:5],
+        k_prep=20,
+    )
     for i in range(5):
         cand = plain.rows[i]
         hog_d = np.abs(engine.method("hog").descriptors[cand] - engine.method("hog").descriptors[i]).sum(1)

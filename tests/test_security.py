@@ -15,8 +15,8 @@ from cryptography.x509.oid import NameOID
 
 from cbmir.client import RetrievalClient
 from cbmir.errors import InvalidInputError
-from cbmir.server.security import read_tokens
 from cbmir.server.config import ServerConfig
+from cbmir.server.security import read_tokens
 from cbmir.server.startup import start_server
 
 SEARCH_TOKEN = "search-token-0123456789"
@@ -24,7 +24,7 @@ ADMIN_TOKEN = "admin-token-abcdefghijk"
 
 
 def _cert(subject: str, issuer_key, issuer_name, public_key, *, ca: bool, san: bool) -> x509.Certificate:
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
@@ -61,12 +61,20 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         key = ec.generate_private_key(ec.SECP256R1())
         cert = _cert(who, ca_key, ca_name, key.public_key(), ca=False, san=who == "server")
         write(f"{who}.pem", cert.public_bytes(serialization.Encoding.PEM))
-        write(f"{who}.key", key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                              serialization.NoEncryption()))
+        write(
+            f"{who}.key",
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            ),
+        )
     other_key = ec.generate_private_key(ec.SECP256R1())
     other_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "other CA")])
-    write("other-ca.pem", _cert("other CA", other_key, other_name, other_key.public_key(), ca=True, san=False)
-          .public_bytes(serialization.Encoding.PEM))
+    write(
+        "other-ca.pem",
+        _cert("other CA", other_key, other_name, other_key.public_key(), ca=True, san=False).public_bytes(
+            serialization.Encoding.PEM
+        ),
+    )
     tokens = out / "tokens"
     tokens.write_text(f"# role token\nsearch {SEARCH_TOKEN}\nadmin {ADMIN_TOKEN}\n")
     files["tokens"] = str(tokens)
@@ -80,14 +88,17 @@ def _codes(call) -> grpc.StatusCode:
 
 
 def test_tokens_gate_every_method_but_health(small_bundle: Path, pki: dict[str, str]) -> None:
-    running = start_server(ServerConfig(index=str(small_bundle), port=0, device="cpu", tokens_file=pki["tokens"]),
-                           wait_ready=True)
+    running = start_server(
+        ServerConfig(index=str(small_bundle), port=0, device="cpu", tokens_file=pki["tokens"]), wait_ready=True
+    )
     target = f"127.0.0.1:{running.port}"
     try:
         with RetrievalClient(target, timeout=20) as anonymous:
             assert anonymous.health() == "SERVING"
-            assert _codes(lambda: anonymous.search_id("images/00000.png", k=3, method="hog")) == \
-                grpc.StatusCode.UNAUTHENTICATED
+            assert (
+                _codes(lambda: anonymous.search_id("images/00000.png", k=3, method="hog"))
+                == grpc.StatusCode.UNAUTHENTICATED
+            )
             assert _codes(anonymous.index_info) == grpc.StatusCode.UNAUTHENTICATED
         with RetrievalClient(target, timeout=20, token=SEARCH_TOKEN + "x") as wrong:
             assert _codes(wrong.index_info) == grpc.StatusCode.UNAUTHENTICATED
@@ -103,11 +114,29 @@ def test_tokens_gate_every_method_but_health(small_bundle: Path, pki: dict[str, 
 
 
 def test_tls_and_mutual_tls(small_bundle: Path, pki: dict[str, str]) -> None:
-    tls = start_server(ServerConfig(index=str(small_bundle), port=0, device="cpu", host="localhost",
-                                    tls_cert=pki["server.pem"], tls_key=pki["server.key"]), wait_ready=True)
-    mtls = start_server(ServerConfig(index=str(small_bundle), port=0, device="cpu", host="localhost",
-                                     tls_cert=pki["server.pem"], tls_key=pki["server.key"],
-                                     tls_client_ca=pki["ca.pem"]), wait_ready=True)
+    tls = start_server(
+        ServerConfig(
+            index=str(small_bundle),
+            port=0,
+            device="cpu",
+            host="localhost",
+            tls_cert=pki["server.pem"],
+            tls_key=pki["server.key"],
+        ),
+        wait_ready=True,
+    )
+    mtls = start_server(
+        ServerConfig(
+            index=str(small_bundle),
+            port=0,
+            device="cpu",
+            host="localhost",
+            tls_cert=pki["server.pem"],
+            tls_key=pki["server.key"],
+            tls_client_ca=pki["ca.pem"],
+        ),
+        wait_ready=True,
+    )
     try:
         with RetrievalClient(f"localhost:{tls.port}", timeout=10, tls_ca=pki["ca.pem"]) as c:
             assert len(c.search_id("images/00000.png", k=2, method="hog")) == 2
@@ -117,8 +146,13 @@ def test_tls_and_mutual_tls(small_bundle: Path, pki: dict[str, str]) -> None:
             assert _codes(untrusting.index_info) == grpc.StatusCode.UNAVAILABLE
         with RetrievalClient(f"localhost:{mtls.port}", timeout=5, tls_ca=pki["ca.pem"]) as no_cert:
             assert _codes(no_cert.index_info) == grpc.StatusCode.UNAVAILABLE
-        with RetrievalClient(f"localhost:{mtls.port}", timeout=10, tls_ca=pki["ca.pem"], tls_cert=pki["client.pem"],
-                             tls_key=pki["client.key"]) as c:
+        with RetrievalClient(
+            f"localhost:{mtls.port}",
+            timeout=10,
+            tls_ca=pki["ca.pem"],
+            tls_cert=pki["client.pem"],
+            tls_key=pki["client.key"],
+        ) as c:
             assert c.index_info().count == 90 and c.health() == "SERVING"
     finally:
         tls.stop(0)

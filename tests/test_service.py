@@ -16,10 +16,9 @@ from cbmir.extractors.hog import HOGExtractor
 from cbmir.extractors.imaging import decode_image
 from cbmir.extractors.registry import register_extractor
 from cbmir.index_build import build_bundle, load_bundle, open_archive
-from cbmir.server.search_engine import SearchEngine
 from cbmir.server.config import ServerConfig
+from cbmir.server.search_engine import SearchEngine
 from cbmir.server.startup import start_server
-from cbmir.v1 import retrieval_pb2 as pb
 from tests.conftest import REPO
 
 
@@ -115,8 +114,9 @@ def test_image_query_with_rerank_reports_rerank_distances(client, offline, archi
     data = image_bytes(archive, 70)
     hits = client.search_image(data, k=5, method="cnn", rerank="hog", k_prep=25)
     img = decode_image(data)
-    res = offline.search("cnn", offline.describe("cnn", [img]), 5, rerank="hog",
-                         rerank_queries=offline.describe("hog", [img]), k_prep=25)
+    res = offline.search(
+        "cnn", offline.describe("cnn", [img]), 5, rerank="hog", rerank_queries=offline.describe("hog", [img]), k_prep=25
+    )
     assert_same(hits, offline, res.rows[0], res.distances[0])
     assert [h.distance for h in hits] == sorted(h.distance for h in hits)
 
@@ -127,8 +127,9 @@ def test_filters_are_exact(client, offline, archive):
     knee = np.flatnonzero(labels == "Knee")
     patient = patients[knee[0]]
     expected = {offline.bundle.ids[r] for r in np.flatnonzero((labels == "Knee") & (patients == patient))}
-    hits = client.search_image(image_bytes(archive, 0), k=20, method="cnn",
-                               filters={"label": "Knee", "patient_id": patient})
+    hits = client.search_image(
+        image_bytes(archive, 0), k=20, method="cnn", filters={"label": "Knee", "patient_id": patient}
+    )
     assert {h.id for h in hits} == expected and len(hits) == len(expected) < 20
     many = client.search_image(image_bytes(archive, 0), k=25, method="hog", filters={"label": ["Knee", "Abdomen"]})
     assert len(many) == 25 and {h.metadata["label"] for h in many} <= {"Knee", "Abdomen"}
@@ -142,8 +143,9 @@ def test_search_batch_equals_single_searches(client, archive):
         build_request(image=image_bytes(archive, 1), k=4, method="cnn"),
         build_request(archive_id=archive.entries[2].id, k=6, method="hog"),
         build_request(image=image_bytes(archive, 3), k=4, method="cnn"),
-        build_request(image=image_bytes(archive, 50), k=3, method="cnn", rerank="hog", k_prep=12,
-                      filters={"label": "Chest"}),
+        build_request(
+            image=image_bytes(archive, 50), k=3, method="cnn", rerank="hog", k_prep=12, filters={"label": "Chest"}
+        ),
     ]
     batched = client.search_batch(requests)
     singles = [client.search(r) for r in requests]
@@ -188,14 +190,19 @@ def test_reflection_lists_the_service(server):
         ({"archive_id": "images/00000.png", "k": 51}, grpc.StatusCode.INVALID_ARGUMENT, "between 1 and 50"),
         ({"archive_id": "images/00000.png", "method": "sift"}, grpc.StatusCode.INVALID_ARGUMENT, "unknown method"),
         ({"archive_id": "images/00000.png", "rerank": "zzz"}, grpc.StatusCode.INVALID_ARGUMENT, "unknown method"),
-        ({"archive_id": "images/00000.png", "filters": {"colour": "red"}}, grpc.StatusCode.INVALID_ARGUMENT,
-         "unknown filter field"),
+        (
+            {"archive_id": "images/00000.png", "filters": {"colour": "red"}},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "unknown filter field",
+        ),
         ({"vector": [0.1] * 7, "method": "hog"}, grpc.StatusCode.INVALID_ARGUMENT, "540-dimensional"),
         ({"vector": [float("nan")] * 540, "method": "hog"}, grpc.StatusCode.INVALID_ARGUMENT, "NaN"),
-        ({"vector": [0.1] * 1280, "method": "cnn", "rerank": "hog"}, grpc.StatusCode.INVALID_ARGUMENT,
-         "rerank_vector"),
-        ({"archive_id": "images/00000.png", "rerank": "hog", "k": 10, "k_prep": 5},
-         grpc.StatusCode.INVALID_ARGUMENT, "k_prep"),
+        ({"vector": [0.1] * 1280, "method": "cnn", "rerank": "hog"}, grpc.StatusCode.INVALID_ARGUMENT, "rerank_vector"),
+        (
+            {"archive_id": "images/00000.png", "rerank": "hog", "k": 10, "k_prep": 5},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "k_prep",
+        ),
         ({"archive_id": "no/such/image.png"}, grpc.StatusCode.NOT_FOUND, "not in index"),
         ({"pixels": np.zeros((1, 1), np.uint8)}, grpc.StatusCode.INVALID_ARGUMENT, "too small"),
     ],
@@ -237,8 +244,13 @@ def sleepy_bundle(unifesp_subset, tmp_path_factory):
     root, labels = unifesp_subset
     out = tmp_path_factory.mktemp("sleepy") / "bundle"
     SleepyHOG.delay = 0.0
-    build_bundle(open_archive(root, labels).select({"label": "Knee"}), out, {"slow": {"extractor": "sleepy_hog"}},
-                 device="cpu", progress=False)
+    build_bundle(
+        open_archive(root, labels).select({"label": "Knee"}),
+        out,
+        {"slow": {"extractor": "sleepy_hog"}},
+        device="cpu",
+        progress=False,
+    )
     return out
 
 
@@ -262,8 +274,9 @@ def test_health_is_not_serving_until_warm_then_serving(sleepy_bundle, archive):
 def sleepy_server(sleepy_bundle):
     SleepyHOG.delay = 0.0
     running = start_server(
-        ServerConfig(index=str(sleepy_bundle), port=0, device="cpu", workers=4, max_concurrent=1,
-                     default_method="slow"),
+        ServerConfig(
+            index=str(sleepy_bundle), port=0, device="cpu", workers=4, max_concurrent=1, default_method="slow"
+        ),
         wait_ready=True,
     )
     SleepyHOG.delay = 1.0
@@ -312,9 +325,17 @@ def test_graceful_stop_lets_in_flight_stream_finish(sleepy_server, archive):
 
 
 def test_generated_stubs_match_the_proto(tmp_path):
-    cmd = [sys.executable, "-m", "grpc_tools.protoc", f"-I{REPO / 'proto'}", f"--python_out={tmp_path}",
-           f"--grpc_python_out={tmp_path}", f"--mypy_out={tmp_path}", f"--mypy_grpc_out={tmp_path}",
-           str(REPO / "proto" / "cbmir" / "v1" / "retrieval.proto")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "grpc_tools.protoc",
+        f"-I{REPO / 'proto'}",
+        f"--python_out={tmp_path}",
+        f"--grpc_python_out={tmp_path}",
+        f"--mypy_out={tmp_path}",
+        f"--mypy_grpc_out={tmp_path}",
+        str(REPO / "proto" / "cbmir" / "v1" / "retrieval.proto"),
+    ]
     subprocess.run(cmd, check=True, capture_output=True)
     names = ["retrieval_pb2.py", "retrieval_pb2.pyi", "retrieval_pb2_grpc.py", "retrieval_pb2_grpc.pyi"]
     match, mismatch, errors = filecmp.cmpfiles(tmp_path / "cbmir" / "v1", REPO / "cbmir" / "v1", names, shallow=False)
@@ -328,8 +349,23 @@ def test_cli_query_prints_table_and_json(server, archive, capsys):
     assert main(["query", "--target", f"127.0.0.1:{server.port}", "--image", image, "-k", "3", "--method", "hog"]) == 0
     out = capsys.readouterr().out
     assert out.splitlines()[0].split()[:3] == ["rank", "distance", "id"] and archive.entries[7].id in out
-    assert main(["query", "--target", f"127.0.0.1:{server.port}", "--image", image, "-k", "2", "--json",
-                 "--filter", "label=Knee"]) == 0
+    assert (
+        main(
+            [
+                "query",
+                "--target",
+                f"127.0.0.1:{server.port}",
+                "--image",
+                image,
+                "-k",
+                "2",
+                "--json",
+                "--filter",
+                "label=Knee",
+            ]
+        )
+        == 0
+    )
     import json
 
     hits = json.loads(capsys.readouterr().out)
@@ -339,8 +375,12 @@ def test_cli_query_prints_table_and_json(server, archive, capsys):
 def test_serve_process_stops_gracefully_on_sigterm(small_bundle):
     import signal
 
-    proc = subprocess.Popen([sys.executable, "-m", "cbmir.cli", "serve", "--index", str(small_bundle), "--port", "0",
-                             "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cbmir.cli", "serve", "--index", str(small_bundle), "--port", "0", "--device", "cpu"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = proc.stdout.readline()
         assert "serving" in line, proc.stderr.read()

@@ -14,8 +14,17 @@ def test_bounded_soak_has_no_errors_and_no_leak(small_bundle: Path, tmp_path: Pa
     ids = load_bundle(small_bundle).ids
     proc, target = start_server(str(small_bundle), tmp_path / "server.log", workers=4)
     try:
-        result = soak(target, proc.pid, [real_png(i) for i in range(8)], ids, ["hog", "cnn"], clients=4,
-                      requests=1200, warmup=300, max_seconds=240)
+        result = soak(
+            target,
+            proc.pid,
+            [real_png(i) for i in range(8)],
+            ids,
+            ["hog", "cnn"],
+            clients=4,
+            requests=1200,
+            warmup=300,
+            max_seconds=240,
+        )
     finally:
         proc.terminate()
         proc.wait(30)

@@ -10,12 +10,11 @@ import torch
 
 from cbmir.errors import InvalidInputError
 from cbmir.extractors import create_extractor
-from cbmir.extractors.cnn import CNNExtractor
 from cbmir.training import TrainConfig
-from cbmir.training.splits import group_kfold, group_split
-from cbmir.training.trainer import save_checkpoint, train_extractor
 from cbmir.training.dataset import balanced_subsample
 from cbmir.training.losses import supervised_contrastive_loss
+from cbmir.training.splits import group_kfold, group_split
+from cbmir.training.trainer import save_checkpoint, train_extractor
 
 
 def test_group_kfold_keeps_groups_whole_and_balances_folds() -> None:
@@ -64,8 +63,9 @@ def trained(unifesp_subset: tuple[Path, Path], tmp_path_factory: pytest.TempPath
 
     root, labels_csv = unifesp_subset
     data = decode_archive(open_archive(root, labels_csv), progress=False)
-    config = TrainConfig(image_size=64, epochs=4, batch_size=16, lr=1e-3, val_fraction=0.2, patience=10,
-                         device="cpu", seed=0)
+    config = TrainConfig(
+        image_size=64, epochs=4, batch_size=16, lr=1e-3, val_fraction=0.2, patience=10, device="cpu", seed=0
+    )
     result = train_extractor(data.images, data.column("label"), data.column("patient_id"), config, progress=False)
     result.training["label_field"] = "label"
     ckpt = save_checkpoint(result, tmp_path_factory.mktemp("ckpt") / "lite0.pt")
@@ -99,8 +99,13 @@ def finetuned_bundle(trained, unifesp_subset: tuple[Path, Path], tmp_path_factor
 
     _, _, ckpt = trained
     out = tmp_path_factory.mktemp("ft") / "bundle"
-    build_bundle(open_archive(*unifesp_subset), out, {"cnn": {"weights": str(ckpt), "image_size": 64}},
-                 device="cpu", progress=False)
+    build_bundle(
+        open_archive(*unifesp_subset),
+        out,
+        {"cnn": {"weights": str(ckpt), "image_size": 64}},
+        device="cpu",
+        progress=False,
+    )
     return out
 
 
@@ -113,8 +118,9 @@ def test_checkpoint_bundle_records_training_and_restores_identically(trained, fi
     config = bundle.manifest["methods"]["cnn"]["config"]
     assert config["training"]["best_epoch"] == result.best_epoch and config["classes"] == result.classes
     restored = SearchEngine(bundle, device="cpu").extractor("cnn")
-    np.testing.assert_allclose(restored.describe(data.images[:5]), result.extractor.describe(data.images[:5]),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        restored.describe(data.images[:5]), result.extractor.describe(data.images[:5]), atol=1e-6
+    )
     assert restored.can_classify
 
 
@@ -164,10 +170,17 @@ def test_cross_validation_queries_every_image_once_without_its_patient(unifesp_s
 
     data = decode_archive(open_archive(*unifesp_subset), progress=False)
     doc = cross_validate(
-        data, label_field="label", relevance=["label"], methods=["hog", "finetuned", "classpred", "hashing"],
-        group_field="patient_id", folds=2,
+        data,
+        label_field="label",
+        relevance=["label"],
+        methods=["hog", "finetuned", "classpred", "hashing"],
+        group_field="patient_id",
+        folds=2,
         train_config=TrainConfig(image_size=64, epochs=1, batch_size=16, device="cpu", val_fraction=0.2),
-        hashing_bits=32, device="cpu", progress=False, keep_rankings=True,
+        hashing_bits=32,
+        device="cpu",
+        progress=False,
+        keep_rankings=True,
     )
     patients = np.asarray(data.column("patient_id"))
     for method, rows in doc["rankings"].items():
@@ -194,7 +207,9 @@ def test_server_answers_class_predicted_search(trained, finetuned_bundle: Path) 
         channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
         stub = pb_grpc.RetrievalStub(channel)
         pixels = (data.images[0] * 255).astype(np.uint8)
-        stream = stub.Search(build_request(pixels=pixels, k=10, predict_class=True, min_class_confidence=0.01), timeout=30)
+        stream = stub.Search(
+            build_request(pixels=pixels, k=10, predict_class=True, min_class_confidence=0.01), timeout=30
+        )
         hits = list(stream)
         predicted = dict(stream.trailing_metadata())["cbmir-predicted-class"]
         assert predicted in ("Abdomen", "Chest", "Knee")

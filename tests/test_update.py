@@ -82,8 +82,9 @@ def test_an_id_with_new_pixels_is_refused_and_nothing_is_written(split_archive, 
 @pytest.mark.parametrize("index_type", ["flat", "hnsw"])
 def test_remove_drops_only_the_named_ids(split_archive, tmp_path: Path, index_type: str) -> None:
     root, _, first, _ = split_archive
-    build_bundle(open_archive(root, first), tmp_path / "b", {"hog": {}}, device="cpu", progress=False,
-                 index_type=index_type)
+    build_bundle(
+        open_archive(root, first), tmp_path / "b", {"hog": {}}, device="cpu", progress=False, index_type=index_type
+    )
     before = load_bundle(tmp_path / "b")
     gone = before.ids[5:15]
     report = remove_from_bundle(tmp_path / "b", gone)
@@ -104,8 +105,15 @@ def test_remove_drops_only_the_named_ids(split_archive, tmp_path: Path, index_ty
 @pytest.mark.parametrize(("method", "index_type", "params"), [("hog", "hnsw", None), ("cnn", "itq", {"bits": 16})])
 def test_add_to_an_approximate_index_extends_it(split_archive, tmp_path: Path, method, index_type, params) -> None:
     root, _, first, second = split_archive
-    build_bundle(open_archive(root, first), tmp_path / "b", {method: EXTRACTORS[method]}, device="cpu",
-                 progress=False, index_type=index_type, index_params=params)
+    build_bundle(
+        open_archive(root, first),
+        tmp_path / "b",
+        {method: EXTRACTORS[method]},
+        device="cpu",
+        progress=False,
+        index_type=index_type,
+        index_params=params,
+    )
     add_to_bundle(tmp_path / "b", open_archive(root, second), progress=False)
     bundle = load_bundle(tmp_path / "b")
     method = bundle.methods[method]
@@ -117,8 +125,10 @@ def test_add_to_an_approximate_index_extends_it(split_archive, tmp_path: Path, m
 def test_cli_add_and_remove(split_archive, tmp_path: Path, capsys) -> None:
     root, _, first, second = split_archive
     build_bundle(open_archive(root, first), tmp_path / "b", {"hog": {}}, device="cpu", progress=False)
-    assert main(["add", "--index", str(tmp_path / "b"), "--images", str(root), "--labels", str(second),
-                 "--no-progress"]) == 0
+    assert (
+        main(["add", "--index", str(tmp_path / "b"), "--images", str(root), "--labels", str(second), "--no-progress"])
+        == 0
+    )
     assert "30 added" in capsys.readouterr().out
     ids = load_bundle(tmp_path / "b").ids[:2]
     assert main(["remove", "--index", str(tmp_path / "b"), "--ids", *ids]) == 0

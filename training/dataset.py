@@ -53,8 +53,15 @@ def decode_archive(archive: Archive, *, progress: bool = True, threads: int = 4)
             return f"{archive.entries[i].id}: {exc}"
 
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        results = list(tqdm(pool.map(load, range(len(archive))), total=len(archive), desc="decode",
-                            disable=not progress, leave=False))
+        results = list(
+            tqdm(
+                pool.map(load, range(len(archive))),
+                total=len(archive),
+                desc="decode",
+                disable=not progress,
+                leave=False,
+            )
+        )
     records = [r for r in results if isinstance(r, ImageRecord)]
     skipped = [r for r in results if isinstance(r, str)]
     for reason in skipped[:5]:

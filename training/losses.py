@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 
-def supervised_contrastive_loss(embeddings: torch.Tensor, labels: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+def supervised_contrastive_loss(
+    embeddings: torch.Tensor, labels: torch.Tensor, temperature: float = 0.1
+) -> torch.Tensor:
     """Supervised contrastive loss (Khosla et al., 2020, the L_out form) over one batch.
 
     Args:

@@ -22,14 +22,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cbmir.evaluation.metrics import seed_map
 from cbmir.errors import InvalidInputError
+from cbmir.evaluation.metrics import seed_map
 from cbmir.extractors.cnn import CHECKPOINT_FORMAT, CNNExtractor
-
-from .config import TrainConfig
 from cbmir.extractors.imaging import resize_batch
 
 from .augment import radiograph_augmentation
+from .config import TrainConfig
 from .losses import supervised_contrastive_loss
 from .splits import group_codes, group_split
 
@@ -125,8 +124,9 @@ def train_extractor(
 
     seed_everything(config.seed)
     t_start = time.perf_counter()
-    extractor = CNNExtractor(model=config.model, weights=config.weights, image_size=config.image_size,
-                             device=config.device)
+    extractor = CNNExtractor(
+        model=config.model, weights=config.weights, image_size=config.image_size, device=config.device
+    )
     extractor.load_pretrained()
     device = extractor.device
     net = extractor.net
@@ -152,7 +152,11 @@ def train_extractor(
     warmup = min(50, max(1, total_steps // 10))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total_steps - warmup))),
+        lambda s: (
+            (s + 1) / warmup
+            if s < warmup
+            else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total_steps - warmup)))
+        ),
     )
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
@@ -173,7 +177,9 @@ def train_extractor(
         net.train()
         for module in frozen:
             module.eval()
-        order = train_idx[torch.multinomial(torch.from_numpy(sample_weight), len(train_idx), True, generator=generator).numpy()]
+        order = train_idx[
+            torch.multinomial(torch.from_numpy(sample_weight), len(train_idx), True, generator=generator).numpy()
+        ]
         t_epoch = time.perf_counter()
         sums = {"loss": 0.0, "ce": 0.0, "supcon": 0.0, "acc": 0.0}
         n_batches = 0
