@@ -31,7 +31,7 @@ from cbmir.index_build.bundle import read_manifest, resolve_version_dir
 from .common import add_io_args, closed_loop, environment, mednist_jpegs, percentiles, write_result
 from .reference_pipeline import ReferencePipeline
 
-METHODS = {
+METHODS: dict[str, dict[str, Any]] = {
     "cnn": {"method": "cnn"},
     "hog": {"method": "hog"},
     "bovw": {"method": "bovw"},

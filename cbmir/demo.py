@@ -7,13 +7,14 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 from cbmir.client import RetrievalClient, format_hits
 from cbmir.index_build import build_bundle, open_archive
 from cbmir.server.config import ServerConfig
 from cbmir.server.startup import start_server
 
-DEMO_QUERIES = (
+DEMO_QUERIES: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("CR chest radiograph (JPEG 2000 lossy copy)", "RG1_J2KI.dcm", {}),
     ("MR slice, re-ranked by HOG", "MR2_J2KI.dcm", {"rerank": "hog", "k_prep": 20}),
     ("CT slice, only CT hits", "693_J2KR.dcm", {"filters": {"modality": "CT"}}),

@@ -120,7 +120,7 @@ class RetrievalClient:
         """Hits of one query; the call's trailing metadata (``cbmir-predicted-class``) lands in ``last_trailers``."""
         stream = self.stub.Search(request, timeout=self.timeout, metadata=self.metadata)
         hits = [Hit.from_proto(h) for h in stream]
-        self.last_trailers = dict(stream.trailing_metadata() or ())
+        self.last_trailers = {k: v if isinstance(v, str) else v.decode() for k, v in stream.trailing_metadata() or ()}
         return hits
 
     def search_image(self, image: bytes, **kwargs: Any) -> list[Hit]:

@@ -152,9 +152,9 @@ def evaluate(
     results = []
     for spec in methods:
         method, rerank = parse_method(spec)
-        for name in (method, rerank):
-            if name is not None:
-                engine.method(name)
+        for checked in (method, rerank):
+            if checked is not None:
+                engine.method(checked)
         rows = np.empty((n_queries, K), dtype=np.int64)
         t0 = time.perf_counter()
         chunks = range(0, n_queries, batch)

@@ -11,7 +11,7 @@ import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, cast
 
 import cv2
 import faiss
@@ -94,7 +94,7 @@ class BoVWExtractor(Extractor):
     def _sift(self, image: np.ndarray) -> np.ndarray:
         sift = getattr(self._local, "sift", None)
         if sift is None:
-            sift = self._local.sift = cv2.SIFT_create(nfeatures=self.max_keypoints)
+            sift = self._local.sift = cast(Any, cv2).SIFT_create(nfeatures=self.max_keypoints)
         _, desc = sift.detectAndCompute(image, None)
         if desc is None:
             return np.zeros((0, 128), dtype=np.float32)
@@ -127,6 +127,8 @@ class BoVWExtractor(Extractor):
             verbose=False,
         )
         kmeans.train(np.ascontiguousarray(sample, dtype=np.float32))
+        if kmeans.centroids is None:
+            raise RuntimeError("FAISS k-means produced no centroids")
         self._set_vocabulary(kmeans.centroids)
 
     def _set_vocabulary(self, centroids: np.ndarray) -> None:

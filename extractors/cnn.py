@@ -169,7 +169,8 @@ class CNNExtractor(Extractor):
         self._mean = torch.tensor(data_cfg["mean"], dtype=torch.float32).view(1, 3, 1, 1).to(self.device)
         self._std = torch.tensor(data_cfg["std"], dtype=torch.float32).view(1, 3, 1, 1).to(self.device)
         self.net = net.eval().to(self.device).to(memory_format=torch.channels_last)
-        self.raw_dim = int(sum(net.feature_info.channels())) if self.stages else int(net.num_features)
+        features: Any = net
+        self.raw_dim = int(sum(features.feature_info.channels())) if self.stages else int(features.num_features)
         self._pca_mean: np.ndarray | None = None
         self._pca_matrix: np.ndarray | None = None
         self._head: tuple[np.ndarray, np.ndarray] | None = None

@@ -217,12 +217,16 @@ def dicom_metadata(ds: Any) -> dict[str, str]:
 
 def pixels_from_buffer(width: int, height: int, dtype: str, data: bytes) -> np.ndarray:
     """Build an image from a raw row-major pixel buffer (``uint8``, ``uint16`` or ``float32``, little-endian)."""
-    allowed = {"uint8": np.uint8, "uint16": np.dtype("<u2"), "float32": np.dtype("<f4")}
+    allowed: dict[str, np.dtype[Any]] = {
+        "uint8": np.dtype(np.uint8),
+        "uint16": np.dtype("<u2"),
+        "float32": np.dtype("<f4"),
+    }
     if dtype not in allowed:
         raise InvalidInputError(f"unsupported pixel dtype {dtype!r}; use one of {sorted(allowed)}")
     if width <= 0 or height <= 0:
         raise InvalidInputError(f"pixel array needs positive width and height, got {width}x{height}")
-    itemsize = np.dtype(allowed[dtype]).itemsize
+    itemsize = allowed[dtype].itemsize
     expected = width * height * itemsize
     if len(data) != expected:
         raise InvalidInputError(f"pixel buffer has {len(data)} bytes but {width}x{height} {dtype} needs {expected}")

@@ -187,7 +187,7 @@ def build_bundle(
         t0 = time.perf_counter()
         rng = np.random.default_rng(seed)
         sample_idx = np.sort(rng.choice(len(archive), size=min(fit_sample, len(archive)), replace=False))
-        sample, _ = _load_batch(archive, sample_idx)
+        sample, _ = _load_batch(archive, sample_idx.tolist())
         for name in to_fit:
             t1 = time.perf_counter()
             methods[name].fit([r.image for r in sample])

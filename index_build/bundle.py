@@ -28,7 +28,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import faiss
 import numpy as np
@@ -86,7 +86,7 @@ class BundleWriter:
 
     def write_arrays(self, name: str, arrays: dict[str, np.ndarray]) -> None:
         with open(self.tmp / name, "wb") as fh:
-            np.savez(fh, **arrays)
+            np.savez(fh, **cast(dict[str, Any], arrays))
         self._files.append(name)
 
     def write_bytes(self, name: str, data: bytes | np.ndarray) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any
+from typing import Any, cast
 
 import faiss
 import numpy as np
@@ -94,7 +94,7 @@ def build_index(
         raise InvalidInputError(f"itq needs 1 <= bits <= descriptor width {dim}, got {params['bits']}")
     index = faiss.index_factory(dim, factory_string(index_type, params), FAISS_METRICS[metric])
     if index_type == "hnsw":
-        faiss.downcast_index(index).hnsw.efConstruction = int(params["efConstruction"])
+        cast(Any, faiss.downcast_index(index)).hnsw.efConstruction = int(params["efConstruction"])
     x = np.ascontiguousarray(descriptors, dtype=np.float32)
     if not index.is_trained:
         ivf = faiss.extract_index_ivf(index) if index_type in ("ivf", "ivfpq") else None
@@ -112,6 +112,6 @@ def apply_search_params(index: faiss.Index, index_type: str, params: dict[str, A
     if index_type in ("ivf", "ivfpq"):
         faiss.extract_index_ivf(index).nprobe = int(params["nprobe"])
     elif index_type == "hnsw":
-        faiss.downcast_index(index).hnsw.efSearch = int(params["efSearch"])
+        cast(Any, faiss.downcast_index(index)).hnsw.efSearch = int(params["efSearch"])
     elif index_type == "itq":
-        faiss.downcast_index(index).k_factor = float(params["k_factor"])
+        cast(Any, faiss.downcast_index(index)).k_factor = float(params["k_factor"])

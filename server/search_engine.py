@@ -287,7 +287,8 @@ class SearchEngine:
             params = None
             if allowed is not None:
                 bits = np.packbits(allowed, bitorder="little")
-                params = faiss.SearchParameters(sel=faiss.IDSelectorBitmap(n, faiss.swig_ptr(bits)))
+                params = faiss.SearchParameters()
+                params.sel = faiss.IDSelectorBitmap(n, faiss.swig_ptr(bits))
             raw, rows = info.index.search(q, k_search, params=params)
         dist = _to_true_distance(raw, info.metric).astype(np.float32)
         if exclude is not None and extra:

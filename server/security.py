@@ -18,6 +18,7 @@ import grpc
 from cbmir.errors import InvalidInputError, PermissionDeniedError, UnauthenticatedError
 
 from .config import ServerConfig
+from .status import replace_behaviour
 
 ROLES = ("search", "admin")
 MIN_TOKEN_CHARS = 16
@@ -98,12 +99,12 @@ def _refusing(handler: grpc.RpcMethodHandler, exc: Exception) -> grpc.RpcMethodH
         yield  # a generator, like the handler it replaces
 
     if handler.unary_unary is not None:
-        return handler._replace(unary_unary=unary)
+        return replace_behaviour(handler, unary_unary=unary)
     if handler.unary_stream is not None:
-        return handler._replace(unary_stream=stream)
+        return replace_behaviour(handler, unary_stream=stream)
     if handler.stream_unary is not None:
-        return handler._replace(stream_unary=unary)
-    return handler._replace(stream_stream=stream)
+        return replace_behaviour(handler, stream_unary=unary)
+    return replace_behaviour(handler, stream_stream=stream)
 
 
 def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -70,7 +71,7 @@ class RetrievalService(pb_grpc.RetrievalServicer):
             batchers: dict[str, MicroBatcher] = {}
             if self.config.micro_batch > 0:
                 batchers = {
-                    m: MicroBatcher(lambda images, m=m: engine.describe(m, images), self.config.micro_batch, m)
+                    m: MicroBatcher(functools.partial(engine.describe, m), self.config.micro_batch, m)
                     for m in engine.methods
                 }
             old_batchers = self.batchers
@@ -193,6 +194,7 @@ class RetrievalService(pb_grpc.RetrievalServicer):
         """Describe every image query, one batched pass per method."""
         check_active(context)
         needed: dict[str, list[tuple[QueryPlan, str]]] = {}
+        images: dict[str, list[np.ndarray]] = {}
         for plan in plans:
             if plan.image is None:
                 continue
@@ -200,9 +202,10 @@ class RetrievalService(pb_grpc.RetrievalServicer):
                 plan.vector, plan.probabilities = engine.describe_and_classify(plan.method, [plan.image])
             else:
                 needed.setdefault(plan.method, []).append((plan, "vector"))
+                images.setdefault(plan.method, []).append(plan.image)
             if plan.rerank is not None:
                 needed.setdefault(plan.rerank, []).append((plan, "rerank_vector"))
-        images = {method: [p.image for p, _ in targets] for method, targets in needed.items()}
+                images.setdefault(plan.rerank, []).append(plan.image)
         live = self._live
         batchers = live[1] if live is not None and live[0] is engine else {}
         submitted = {m: batchers[m].submit(images[m]) for m in needed if m in batchers}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import grpc
 
@@ -63,14 +63,19 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):
         if handler is None:
             return None
         if handler.unary_unary is not None:
-            return handler._replace(unary_unary=_mapped_unary(handler.unary_unary))
+            return replace_behaviour(handler, unary_unary=_mapped_unary(handler.unary_unary))
         if handler.stream_unary is not None:
-            return handler._replace(stream_unary=_mapped_unary(handler.stream_unary))
+            return replace_behaviour(handler, stream_unary=_mapped_unary(handler.stream_unary))
         if handler.unary_stream is not None:
-            return handler._replace(unary_stream=_mapped_stream(handler.unary_stream))
+            return replace_behaviour(handler, unary_stream=_mapped_stream(handler.unary_stream))
         if handler.stream_stream is not None:
-            return handler._replace(stream_stream=_mapped_stream(handler.stream_stream))
+            return replace_behaviour(handler, stream_stream=_mapped_stream(handler.stream_stream))
         return handler
+
+
+def replace_behaviour(handler: grpc.RpcMethodHandler, **behaviour: Any) -> grpc.RpcMethodHandler:
+    """The handler with other behaviour functions (grpc's handlers are named tuples, untyped as such)."""
+    return cast(grpc.RpcMethodHandler, cast(Any, handler)._replace(**behaviour))
 
 
 def _mapped_unary(inner: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[[Any, grpc.ServicerContext], Any]:

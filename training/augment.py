@@ -15,7 +15,7 @@ def radiograph_augmentation(image_size: int, *, hflip: bool = False) -> torch.nn
 
     Input and output: (B, 1, S, S) float in [0, 1].
     """
-    ops: list[torch.nn.Module] = [
+    ops: list[K.AugmentationBase2D] = [
         K.RandomAffine(degrees=10.0, translate=(0.06, 0.06), scale=(0.9, 1.1), p=0.9),
         K.RandomResizedCrop((image_size, image_size), scale=(0.75, 1.0), ratio=(0.9, 1.1), p=0.5),
         K.RandomBrightness(brightness=(0.85, 1.15), p=0.5),
