@@ -4,19 +4,27 @@ SHARED ?= ../shared/data
 BUNDLES ?= bundles
 RESULTS ?= docs/results
 
-.PHONY: setup demo test proto eval eval-mednist eval-unifesp eval-cv eval-cv-unifesp eval-cv-mednist bench bench-bundle \
+.PHONY: setup demo test lint proto eval eval-mednist eval-unifesp eval-cv eval-cv-unifesp eval-cv-mednist bench bench-bundle \
 	soak report clean
 
 setup:
-	$(PYTHON) -m pip install -q -e '.[dev]'
+	$(PYTHON) -m pip install -q -e '.[server,dev]'
 
 demo:
 	cbmir demo --out $(BUNDLES)/demo
 
-test:
+# Lint, format check and type check first (seconds), then the suite in a random order (pytest-randomly prints the
+# seed; `-p randomly -p "randomly_seed=N"` replays one).
+test: lint
 	$(PYTHON) -m pytest -q
 
+lint:
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+	$(PYTHON) -m mypy
+
 proto:
+	PATH="$$(dirname $$(command -v $(PYTHON))):$$PATH" \
 	$(PYTHON) -m grpc_tools.protoc -Iproto --python_out=. --grpc_python_out=. --mypy_out=. --mypy_grpc_out=. \
 		proto/cbmir/v1/retrieval.proto
 

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
-import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cbmir.v1 import retrieval_pb2 as pb
 from cbmir.v1 import retrieval_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:  # numpy is optional for the client: arrays are read through their own methods
+    import numpy as np
+
+PIXEL_DTYPES = {"uint8": "uint8", "<u2": "uint16", "=u2": "uint16", "<f4": "float32", "=f4": "float32"}
+"""numpy dtype strings (``arr.dtype.str``, byte order included) -> the wire name of a pixel type."""
 
 
 @dataclass
@@ -62,18 +67,25 @@ def build_request(
     if image is not None:
         req.image = image
     elif pixels is not None:
-        arr = np.ascontiguousarray(pixels)
-        dtype = {np.dtype(np.uint8): "uint8", np.dtype("<u2"): "uint16", np.dtype("<f4"): "float32"}.get(arr.dtype)
-        if dtype is None or arr.ndim != 2:
-            raise ValueError("pixels must be a 2-D uint8, uint16 or float32 array")
-        req.pixels.CopyFrom(pb.PixelArray(width=arr.shape[1], height=arr.shape[0], dtype=dtype, data=arr.tobytes()))
+        dtype = PIXEL_DTYPES.get(getattr(getattr(pixels, "dtype", None), "str", "").replace("|u1", "uint8"))
+        if dtype is None or len(pixels.shape) != 2:
+            raise ValueError("pixels must be a 2-D little-endian uint8, uint16 or float32 numpy array")
+        height, width = pixels.shape
+        data = pixels.tobytes(order="C")
+        req.pixels.CopyFrom(pb.PixelArray(width=width, height=height, dtype=dtype, data=data))
     elif archive_id is not None:
         req.archive_id = archive_id
     elif vector is not None:
-        req.vector.values.extend(np.asarray(vector, dtype=np.float32).ravel().tolist())
+        req.vector.values.extend(_floats(vector))
     if rerank_vector is not None:
-        req.rerank_vector.values.extend(np.asarray(rerank_vector, dtype=np.float32).ravel().tolist())
+        req.rerank_vector.values.extend(_floats(rerank_vector))
     return req
+
+
+def _floats(values: Sequence[float] | np.ndarray) -> list[float]:
+    """A flat list of floats from a sequence or a (1, D) / (D,) array."""
+    ravel = getattr(values, "ravel", None)
+    return [float(v) for v in (ravel() if ravel is not None else values)]
 
 
 class RetrievalClient:

@@ -1,5 +1,7 @@
 import filecmp
+import os
 import subprocess
+import sysconfig
 import sys
 import threading
 import time
@@ -336,7 +338,9 @@ def test_generated_stubs_match_the_proto(tmp_path):
         f"--mypy_grpc_out={tmp_path}",
         str(REPO / "proto" / "cbmir" / "v1" / "retrieval.proto"),
     ]
-    subprocess.run(cmd, check=True, capture_output=True)
+    scripts = sysconfig.get_path("scripts")  # protoc-gen-mypy is installed beside this interpreter
+    env = {**os.environ, "PATH": os.pathsep.join([scripts, os.path.dirname(sys.executable), os.environ["PATH"]])}
+    subprocess.run(cmd, check=True, capture_output=True, env=env)
     names = ["retrieval_pb2.py", "retrieval_pb2.pyi", "retrieval_pb2_grpc.py", "retrieval_pb2_grpc.pyi"]
     match, mismatch, errors = filecmp.cmpfiles(tmp_path / "cbmir" / "v1", REPO / "cbmir" / "v1", names, shallow=False)
     assert not mismatch and not errors, f"stubs drifted from proto/: {mismatch or errors}; run 'make proto'"
