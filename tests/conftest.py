@@ -1,24 +1,13 @@
-"""Shared fixtures: paths to the shared data and a small real bundle built once per session."""
+"""Shared fixtures: a labelled UNIFESP subset and a small real bundle, each built once per session."""
 
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("CBMIR_SHARED_DATA", REPO.parent / "shared" / "data"))
-UNIFESP = SHARED / "unifesp_bodypart"
-MEDNIST_ZIP = SHARED / "mednist" / "mednist_58954_jpeg.zip"
-PNEUMONIA = SHARED / "pneumoniamnist" / "pneumoniamnist.npz"
-
-
-def require(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"shared data {path} not found; set CBMIR_SHARED_DATA to the folder holding it")
-    return path
+from tests.helpers import UNIFESP, require
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ import pytest
 
 from cbmir.errors import InvalidInputError, NotFoundError
 from cbmir.index_build import build_bundle, open_archive
-from tests.conftest import MEDNIST_ZIP, PNEUMONIA, UNIFESP, require
+from tests.helpers import MEDNIST_ZIP, PNEUMONIA, UNIFESP, require
 
 
 def test_folder_labels_from_csv_and_select(unifesp_subset):

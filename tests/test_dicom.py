@@ -12,7 +12,7 @@ import pydicom
 import pytest
 
 from cbmir.extractors.imaging import decode_dicom, dicom_windows
-from tests.test_imaging import dicom_data_dir, synthetic_dicom
+from tests.helpers import dicom_data_dir, synthetic_dicom
 
 
 def data(name: str) -> str:

@@ -14,7 +14,7 @@ import numpy as np
 
 from cbmir.index_build import build_bundle, load_bundle, open_archive
 from cbmir.index_build.bundle import resolve_version_dir
-from tests.test_update import subset_csv
+from tests.helpers import subset_csv
 
 KILLS = 8
 

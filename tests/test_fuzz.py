@@ -3,23 +3,21 @@ status (never INTERNAL/UNKNOWN, never a hang), and valid requests must be answer
 
 from __future__ import annotations
 
-import io
 import struct
 import zlib
 from pathlib import Path
 
 import grpc
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from PIL import Image
 
 from cbmir.client import build_request
 from cbmir.server.config import ServerConfig
 from cbmir.server.startup import start_server
 from cbmir.v1 import retrieval_pb2 as pb
 from cbmir.v1 import retrieval_pb2_grpc as pb_grpc
+from tests.helpers import real_png
 
 PROPER = {
     grpc.StatusCode.OK,
@@ -44,13 +42,6 @@ def png_bytes(width: int, height: int, payload: bytes = b"") -> bytes:
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(payload)) + chunk(b"IEND", b"")
-
-
-def real_png(seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray((rng.random((48, 40)) * 255).astype(np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")

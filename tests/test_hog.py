@@ -28,7 +28,7 @@ def test_hog_matches_skimage(shape, cell, block, bins):
 
 def test_hog_extractor_defaults_are_the_papers_540_dims_and_match_skimage_on_a_radiograph():
     from cbmir.extractors.imaging import decode_image
-    from tests.conftest import UNIFESP, require
+    from tests.helpers import UNIFESP, require
 
     image = decode_image((require(UNIFESP) / "images" / "00000.png").read_bytes())
     ex = create_extractor("hog", device="cpu")

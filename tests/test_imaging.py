@@ -5,35 +5,10 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image
-from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from cbmir.errors import InvalidInputError
 from cbmir.extractors.imaging import decode_dicom, decode_image, pixels_from_buffer, resize_batch, to_unit_gray
-
-
-def dicom_data_dir() -> str:
-    import data_store
-
-    return os.path.join(os.path.dirname(data_store.__file__), "data")
-
-
-def synthetic_dicom(pixels: np.ndarray, photometric: str, **extra) -> bytes:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset("x.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.Modality, ds.PatientID = "CR", "patient-42"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    for k, v in extra.items():
-        setattr(ds, k, v)
-    ds.PixelData = pixels.astype(np.uint16).tobytes()
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
+from tests.helpers import dicom_data_dir, synthetic_dicom
 
 
 def test_dicom_window_and_monochrome1_inversion_by_hand():

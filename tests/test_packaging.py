@@ -12,7 +12,7 @@ import pytest
 
 from cbmir.server.config import ServerConfig
 from cbmir.server.startup import start_server
-from tests.conftest import REPO, UNIFESP, require
+from tests.helpers import REPO, UNIFESP, require
 
 CLIENT_SCRIPT = textwrap.dedent(
     """
@@ -33,8 +33,13 @@ def slim_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh venv with `pip install .` (no extras), from a copy of the sources (no editable link)."""
     root = tmp_path_factory.mktemp("slim")
     src = root / "src"
-    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".git", "bundles", "models", "logs", "*.egg-info",
-                                                              "__pycache__", ".mypy_cache", ".ruff_cache", "build"))
+    shutil.copytree(
+        REPO,
+        src,
+        ignore=shutil.ignore_patterns(
+            ".git", "bundles", "models", "logs", "*.egg-info", "__pycache__", ".mypy_cache", ".ruff_cache", "build"
+        ),
+    )
     venv = root / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = venv / "bin" / "python"
@@ -51,14 +56,20 @@ def test_plain_install_queries_a_server_without_torch(slim_venv: Path, small_bun
     running = start_server(ServerConfig(index=str(small_bundle), port=0, device="cpu"), wait_ready=True)
     try:
         image = require(UNIFESP) / "images" / load_bundle(small_bundle).ids[0].split("/")[-1]
-        out = subprocess.run([str(slim_venv), "-c", CLIENT_SCRIPT, f"127.0.0.1:{running.port}", str(image)],
-                             capture_output=True, text=True, timeout=120, cwd=slim_venv.parent)
+        out = subprocess.run(
+            [str(slim_venv), "-c", CLIENT_SCRIPT, f"127.0.0.1:{running.port}", str(image)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=slim_venv.parent,
+        )
     finally:
         running.stop(0)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout)
     assert result["absent"] == ["torch", "numpy", "faiss", "cv2"]
     assert result["health"] == "SERVING" and len(result["ids"]) == 3
-    cli = subprocess.run([str(slim_venv.parent / "cbmir"), "query", "--help"], capture_output=True, text=True,
-                         cwd=slim_venv.parent)
+    cli = subprocess.run(
+        [str(slim_venv.parent / "cbmir"), "query", "--help"], capture_output=True, text=True, cwd=slim_venv.parent
+    )
     assert cli.returncode == 0 and "--target" in cli.stdout, cli.stderr[-2000:]

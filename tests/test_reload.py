@@ -16,7 +16,7 @@ from cbmir.client import RetrievalClient
 from cbmir.index_build import add_to_bundle, build_bundle, load_bundle, open_archive, remove_from_bundle
 from cbmir.server.config import ServerConfig
 from cbmir.server.startup import start_server
-from tests.test_update import subset_csv
+from tests.helpers import subset_csv
 
 
 @pytest.fixture()
@@ -36,33 +36,41 @@ def test_reload_swaps_versions_without_failed_or_mixed_requests(growing_bundle) 
     answers: list[tuple[int, frozenset[str]]] = []
     errors: list[BaseException] = []
     stop = threading.Event()
+    answered = threading.Condition()
 
     def hammer() -> None:
         with RetrievalClient(f"127.0.0.1:{running.port}", timeout=30) as c:
             while not stop.is_set():
                 try:
                     hits = c.search_vector(query, k=100, method="hog")
-                    answers.append((len(hits), frozenset(h.id for h in hits)))
+                    with answered:
+                        answers.append((len(hits), frozenset(h.id for h in hits)))
+                        answered.notify_all()
                 except grpc.RpcError as exc:
                     errors.append(exc)
+
+    def wait_for_answers(count: int, at_least: int = 8) -> None:
+        """Block until the hammering clients got ``at_least`` answers from the version holding ``count`` ids."""
+        with answered:
+            assert answered.wait_for(lambda: sum(n == count for n, _ in answers) >= at_least, timeout=60), count
 
     threads = [threading.Thread(target=hammer) for _ in range(4)]
     try:
         for t in threads:
             t.start()
-        time.sleep(0.3)
+        wait_for_answers(60)
         add_to_bundle(path, more, progress=False)
         v2 = load_bundle(path)
         with RetrievalClient(f"127.0.0.1:{running.port}", timeout=60) as c:
             reply = c.reload()
             assert reply.changed and reply.version == v2.version and reply.previous_version == v1.version
             assert reply.count == 90 and c.index_info().version == v2.version
-            time.sleep(0.3)
+            wait_for_answers(90)
             remove_from_bundle(path, v2.ids[:10])
             v3 = load_bundle(path)
             assert c.reload().version == v3.version
             assert not c.reload().changed
-            time.sleep(0.3)
+            wait_for_answers(80)
     finally:
         stop.set()
         for t in threads:

@@ -1,8 +1,8 @@
 import filecmp
 import os
 import subprocess
-import sysconfig
 import sys
+import sysconfig
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,16 +21,21 @@ from cbmir.index_build import build_bundle, load_bundle, open_archive
 from cbmir.server.config import ServerConfig
 from cbmir.server.search_engine import SearchEngine
 from cbmir.server.startup import start_server
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 @register_extractor("sleepy_hog")
 class SleepyHOG(HOGExtractor):
-    """HOG that takes ``delay`` seconds per call: makes cancellation, overload and readiness observable."""
+    """HOG that takes ``delay`` seconds per call: makes cancellation, overload and readiness observable.
+
+    ``started`` is set when a call begins, so a test knows a request is inside the server without sleeping.
+    """
 
     delay = 0.0
+    started = threading.Event()
 
     def extract(self, images):
+        type(self).started.set()
         time.sleep(type(self).delay)
         return super().extract(images)
 
@@ -282,6 +287,7 @@ def sleepy_server(sleepy_bundle):
         wait_ready=True,
     )
     SleepyHOG.delay = 1.0
+    SleepyHOG.started.clear()
     yield running
     SleepyHOG.delay = 0.0
     running.stop(0)
@@ -293,7 +299,8 @@ def test_cancelled_stream_stops_server_work(sleepy_server, archive):
         from cbmir.v1 import retrieval_pb2_grpc
 
         call = retrieval_pb2_grpc.RetrievalStub(channel).Search(build_request(image=image_bytes(archive, 0), k=5))
-        threading.Timer(0.3, call.cancel).start()
+        assert SleepyHOG.started.wait(10), "the request never reached the extractor"
+        call.cancel()
         with pytest.raises(grpc.RpcError) as err:
             list(call)
         assert err.value.code() == grpc.StatusCode.CANCELLED
@@ -309,7 +316,7 @@ def test_over_the_concurrency_bound_is_resource_exhausted(sleepy_server, archive
     target = f"127.0.0.1:{sleepy_server.port}"
     with ThreadPoolExecutor(1) as pool:
         first = pool.submit(lambda: RetrievalClient(target).search_image(image_bytes(archive, 0), k=3))
-        time.sleep(0.3)
+        assert SleepyHOG.started.wait(10), "the first request never reached the extractor"
         with pytest.raises(grpc.RpcError) as err:
             RetrievalClient(target).search_image(image_bytes(archive, 1), k=3)
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "retry" in err.value.details()
@@ -321,7 +328,7 @@ def test_graceful_stop_lets_in_flight_stream_finish(sleepy_server, archive):
     target = f"127.0.0.1:{sleepy_server.port}"
     with ThreadPoolExecutor(1) as pool:
         in_flight = pool.submit(lambda: RetrievalClient(target).search_image(image_bytes(archive, 2), k=4))
-        time.sleep(0.3)
+        assert SleepyHOG.started.wait(10), "the request never reached the extractor"
         sleepy_server.stop(grace=10)
         assert len(in_flight.result()) == 4
 

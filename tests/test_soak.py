@@ -7,7 +7,7 @@ from pathlib import Path
 from cbmir.benchmarks.latency import start_server
 from cbmir.benchmarks.soak import soak
 from cbmir.index_build import load_bundle
-from tests.test_fuzz import real_png
+from tests.helpers import real_png
 
 
 def test_bounded_soak_has_no_errors_and_no_leak(small_bundle: Path, tmp_path: Path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
@@ -12,20 +11,9 @@ from cbmir.cli import main
 from cbmir.errors import InvalidInputError, NotFoundError
 from cbmir.index_build import add_to_bundle, build_bundle, load_bundle, open_archive, remove_from_bundle
 from cbmir.index_build.bundle import resolve_version_dir
+from tests.helpers import subset_csv
 
 EXTRACTORS = {"cnn": {"image_size": 64}, "hog": {}}
-
-
-def subset_csv(labels: Path, out: Path, rows: slice) -> Path:
-    with open(labels, newline="") as fh:
-        reader = csv.DictReader(fh)
-        picked = list(reader)[rows]
-        fields = reader.fieldnames
-    with open(out, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(picked)
-    return out
 
 
 @pytest.fixture()
