@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -25,6 +26,16 @@ def _pairs(items: list[str] | None, what: str) -> dict[str, list[str]]:
         key, value = item.split("=", 1)
         out.setdefault(key, []).append(value)
     return out
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
 
 
 def _csv(value: str) -> list[str]:
@@ -317,7 +328,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     else:
         if args.predict_class:
             print(f"searched class: {predicted}" if predicted else "searched the whole archive (class uncertain)")
-        print(format_hits(hits))
+        print(format_hits(hits, fields=args.columns))
     return 0
 
 
@@ -331,7 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cbmir", description="Content-based medical image retrieval", formatter_class=HelpFormatter
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more logging: -v cbmir's debug lines, -v -v every library's"
+    )
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also CBMIR_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("build", help="index an archive of images into a bundle", formatter_class=HelpFormatter)
@@ -466,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT of a running cbmir serve")
     q.add_argument("--image", required=True, help="query image file: PNG, JPEG or DICOM")
-    q.add_argument("-k", type=int, default=10, help="number of hits, 1 to the server's max_k")
+    q.add_argument("-k", type=_positive_int, default=10, help="number of hits, 1 to the server's max_k")
     q.add_argument("--method", default="cnn", help="method that ranks the archive (cbmir info lists them)")
     q.add_argument("--rerank", help="method that re-orders the best --k-prep candidates")
     q.add_argument("--k-prep", type=int, default=0, help="candidates re-ranked (0: max(k, 10))")
@@ -485,7 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--tls-cert", help="client certificate for mutual TLS")
     q.add_argument("--tls-key", help="client key for mutual TLS")
     q.add_argument("--timeout", type=float, default=30.0, help="deadline of the call in seconds")
-    q.add_argument("--json", action="store_true", help="print the hits as JSON")
+    q.add_argument("--json", action="store_true", help="print the hits as JSON (for scripts)")
+    q.add_argument("--columns", type=_csv, help="metadata fields to show, comma-separated (default: all)")
     q.set_defaults(func=cmd_query)
     q.epilog = "The bearer token, when the server needs one, is read from the CBMIR_TOKEN environment variable."
 
@@ -502,18 +517,55 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+USAGE_ERROR = 2
+FAILURE = 1
+
+
+def describe_failure(exc: BaseException) -> tuple[int, str]:
+    """Exit code and one-line message for an exception that ends a command.
+
+    Usage errors (bad arguments, a server's ``INVALID_ARGUMENT``/``NOT_FOUND``) exit 2, failures 1.
+    """
+    from cbmir.errors import NotFoundError
+
+    status = getattr(exc, "status", None)
+    if isinstance(status, str):  # a RetrievalError: the server's status and message
+        code = USAGE_ERROR if status in ("INVALID_ARGUMENT", "NOT_FOUND", "OUT_OF_RANGE") else FAILURE
+        return code, f"{status}: {getattr(exc, 'message', exc)}"
+    if isinstance(exc, InvalidInputError | NotFoundError):
+        return USAGE_ERROR, str(exc)
+    if isinstance(exc, CbmirError):
+        return FAILURE, str(exc)
+    if isinstance(exc, OSError):
+        where = f"{exc.filename}: " if exc.filename else ""
+        hint = "; free space or write elsewhere" if exc.errno == errno.ENOSPC else ""
+        return FAILURE, f"{where}{exc.strerror or exc}{hint}"
+    return FAILURE, f"internal error ({type(exc).__name__}: {exc}); rerun with --debug for the traceback"
+
+
+def configure_logging(verbose: int) -> None:
+    """cbmir's own progress at INFO; other libraries (faiss's loader, timm, grpc) only warnings unless -v -v."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose >= 2 else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    logging.getLogger("cbmir").setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s"
-    )
+    configure_logging(args.verbose)
+    debug = args.debug or os.environ.get("CBMIR_DEBUG", "") not in ("", "0")
     try:
         return int(args.func(args) or 0)
-    except CbmirError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        if debug:
+            raise
+        code, message = describe_failure(exc)
+        print("error: " + " ".join(message.split()), file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from cbmir.errors import CbmirError, InvalidInputError
 from cbmir.v1 import retrieval_pb2 as pb
 from cbmir.v1 import retrieval_pb2_grpc as pb_grpc
 
@@ -17,6 +19,44 @@ if TYPE_CHECKING:  # numpy is optional for the client: arrays are read through t
 
 PIXEL_DTYPES = {"uint8": "uint8", "<u2": "uint16", "=u2": "uint16", "<f4": "float32", "=f4": "float32"}
 """numpy dtype strings (``arr.dtype.str``, byte order included) -> the wire name of a pixel type."""
+
+
+class RetrievalError(CbmirError, grpc.RpcError):
+    """A call the server answered with an error status.
+
+    Attributes:
+        status: the status name, e.g. ``INVALID_ARGUMENT`` or ``UNAVAILABLE``.
+        message: the server's message (what was wrong and how to fix it).
+
+    It is also a ``grpc.RpcError`` with ``code()`` and ``details()``, so code written against raw gRPC keeps working.
+    """
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        self._code, self.message = code, message
+        self.status = code.name
+        super().__init__(f"{self.status}: {message}")
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self.message
+
+
+@contextmanager
+def _raising_retrieval_errors() -> Iterator[None]:
+    try:
+        yield
+    except grpc.RpcError as exc:
+        if isinstance(exc, RetrievalError):
+            raise
+        code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+        details = (exc.details() if hasattr(exc, "details") else None) or str(code.name)
+        raise RetrievalError(code, details) from exc
+
+
+FilterValue = str | int | float | bool
+"""A metadata value to match; non-strings are compared as their text (``3`` matches ``"3"``)."""
 
 
 @dataclass
@@ -44,14 +84,29 @@ def build_request(
     method: str = "",
     rerank: str | None = None,
     k_prep: int = 0,
-    filters: Mapping[str, str | Sequence[str]] | None = None,
+    filters: Mapping[str, FilterValue | Sequence[FilterValue]] | None = None,
     exclude_ids: Iterable[str] = (),
     include_self: bool = False,
     rerank_vector: Sequence[float] | np.ndarray | None = None,
     predict_class: bool = False,
     min_class_confidence: float = 0.0,
 ) -> pb.SearchRequest:
-    """A ``SearchRequest`` with exactly one query kind set."""
+    """A ``SearchRequest`` with exactly one query kind set.
+
+    Raises:
+        InvalidInputError: ``k`` below 1, ``k_prep`` negative, or not exactly one query kind given.
+    """
+    if k < 1:
+        raise InvalidInputError(f"k must be at least 1, got {k}")
+    if k_prep < 0:
+        raise InvalidInputError(f"k_prep must be 0 (default) or at least k, got {k_prep}")
+    kinds = [
+        name
+        for name, v in (("image", image), ("pixels", pixels), ("archive_id", archive_id), ("vector", vector))
+        if v is not None
+    ]
+    if len(kinds) != 1:
+        raise InvalidInputError(f"give exactly one of image, pixels, archive_id or vector, got {kinds or 'none'}")
     req = pb.SearchRequest(
         k=k,
         method=method,
@@ -63,7 +118,8 @@ def build_request(
         min_class_confidence=min_class_confidence,
     )
     for name, values in (filters or {}).items():
-        req.filters.add(field=name, values=[values] if isinstance(values, str) else list(values))
+        listed = [values] if isinstance(values, str | int | float | bool) else list(values)
+        req.filters.add(field=name, values=[v if isinstance(v, str) else _text(v) for v in listed])
     if image is not None:
         req.image = image
     elif pixels is not None:
@@ -80,6 +136,20 @@ def build_request(
     if rerank_vector is not None:
         req.rerank_vector.values.extend(_floats(rerank_vector))
     return req
+
+
+def _read_pem(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except OSError as exc:
+        raise InvalidInputError(f"cannot read {what} {path}: {exc.strerror}") from exc
+
+
+def _text(value: FilterValue) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
 
 
 def _floats(values: Sequence[float] | np.ndarray) -> list[float]:
@@ -116,9 +186,9 @@ class RetrievalClient:
         options = [("grpc.max_send_message_length", size), ("grpc.max_receive_message_length", size)]
         if channel is None and tls_ca:
             creds = grpc.ssl_channel_credentials(
-                root_certificates=open(tls_ca, "rb").read(),
-                private_key=open(tls_key, "rb").read() if tls_key else None,
-                certificate_chain=open(tls_cert, "rb").read() if tls_cert else None,
+                root_certificates=_read_pem(tls_ca, "TLS CA"),
+                private_key=_read_pem(tls_key, "client key") if tls_key else None,
+                certificate_chain=_read_pem(tls_cert, "client certificate") if tls_cert else None,
             )
             channel = grpc.secure_channel(target, creds, options=options)
         self.channel = channel or grpc.insecure_channel(target, options=options)
@@ -130,9 +200,11 @@ class RetrievalClient:
 
     def search(self, request: pb.SearchRequest) -> list[Hit]:
         """Hits of one query; the call's trailing metadata (``cbmir-predicted-class``) lands in ``last_trailers``."""
-        stream = self.stub.Search(request, timeout=self.timeout, metadata=self.metadata)
-        hits = [Hit.from_proto(h) for h in stream]
-        self.last_trailers = {k: v if isinstance(v, str) else v.decode() for k, v in stream.trailing_metadata() or ()}
+        with _raising_retrieval_errors():
+            stream = self.stub.Search(request, timeout=self.timeout, metadata=self.metadata)
+            hits = [Hit.from_proto(h) for h in stream]
+            trailers = stream.trailing_metadata() or ()
+        self.last_trailers = {k: v if isinstance(v, str) else v.decode() for k, v in trailers}
         return hits
 
     def search_image(self, image: bytes, **kwargs: Any) -> list[Hit]:
@@ -151,22 +223,27 @@ class RetrievalClient:
     def search_batch(self, requests: Sequence[pb.SearchRequest]) -> list[list[Hit]]:
         """Hits per request, in request order."""
         out: list[list[Hit]] = [[] for _ in requests]
-        for result in self.stub.SearchBatch(
-            pb.SearchBatchRequest(queries=list(requests)), timeout=self.timeout, metadata=self.metadata
-        ):
-            out[result.query_index] = [Hit.from_proto(h) for h in result.hits]
+        with _raising_retrieval_errors():
+            for result in self.stub.SearchBatch(
+                pb.SearchBatchRequest(queries=list(requests)), timeout=self.timeout, metadata=self.metadata
+            ):
+                out[result.query_index] = [Hit.from_proto(h) for h in result.hits]
         return out
 
     def index_info(self) -> pb.IndexInfo:
-        return self.stub.GetIndexInfo(pb.GetIndexInfoRequest(), timeout=self.timeout, metadata=self.metadata)
+        """Count, methods, filter fields, limits and version of the served index."""
+        with _raising_retrieval_errors():
+            return self.stub.GetIndexInfo(pb.GetIndexInfoRequest(), timeout=self.timeout, metadata=self.metadata)
 
     def reload(self) -> pb.ReloadResponse:
         """Ask the server to swap in the bundle's live version (admin token needed when tokens are set)."""
-        return self.stub.Reload(pb.ReloadRequest(), timeout=self.timeout, metadata=self.metadata)
+        with _raising_retrieval_errors():
+            return self.stub.Reload(pb.ReloadRequest(), timeout=self.timeout, metadata=self.metadata)
 
     def health(self, service: str = "") -> str:
         """``SERVING``, ``NOT_SERVING`` or ``UNKNOWN``."""
-        resp = self.health_stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout)
+        with _raising_retrieval_errors():
+            resp = self.health_stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
 
     def close(self) -> None:
@@ -179,8 +256,10 @@ class RetrievalClient:
         self.close()
 
 
-def format_hits(hits: Sequence[Hit], fields: Sequence[str] = ("label", "modality", "body_region")) -> str:
-    """A readable table of hits."""
+def format_hits(hits: Sequence[Hit], fields: Sequence[str] | None = None) -> str:
+    """A readable table of hits: rank, distance, id and the metadata ``fields`` (default: every field a hit has)."""
+    if fields is None:
+        fields = list(dict.fromkeys(k for h in hits for k in h.metadata))
     shown = [f for f in fields if any(f in h.metadata for h in hits)]
     header = ["rank", "distance", "id", *shown]
     rows = [[str(h.rank), f"{h.distance:.4f}", h.id, *(h.metadata.get(f, "") for f in shown)] for h in hits]

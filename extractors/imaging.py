@@ -156,7 +156,10 @@ def decode_dicom(
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     try:
-        stream = io.BytesIO(data) if isinstance(data, bytes) else data
+        stream: Any = data
+        if isinstance(data, bytes):
+            stream = io.BytesIO(data)
+            stream.name = source  # pydicom's messages name the file, not "<_io.BytesIO object at 0x...>"
         ds = pydicom.dcmread(stream)
         rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
         _check_size(cols, rows, max_pixels, source)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import platform
 import time
@@ -15,6 +16,7 @@ import faiss
 import numpy as np
 import torch
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from cbmir.checksums import sha256_pixels
 from cbmir.errors import InvalidInputError
@@ -86,7 +88,7 @@ def extract_archive(
         keep: optional predicate on (record, SHA-256 of its pixels); records it rejects (e.g. duplicates of indexed
             images) are not extracted.
     """
-    on_skip = on_skip or (lambda s: log.warning("skipped %s: %s", s["uri"], s["error"]))
+    on_skip = on_skip or (lambda s: log.warning("skipped %s", s["error"]))  # the error names the file
     raw: dict[str, list[np.ndarray]] = {name: [] for name in methods}
     extract_s = {name: 0.0 for name in methods}
     records: list[tuple[str, str, dict[str, str], str]] = []
@@ -95,7 +97,9 @@ def extract_archive(
     batches = [range(i, min(i + batch_size, len(archive))) for i in range(0, len(archive), batch_size)]
     bar = tqdm(total=len(archive), desc="indexing", unit="img", disable=not progress, dynamic_ncols=True)
     t_loop = time.perf_counter()
-    with ThreadPoolExecutor(1) as prefetch:
+    # log lines (skipped files) print above the progress bar instead of through it
+    redirect = logging_redirect_tqdm() if progress else contextlib.nullcontext()
+    with redirect, ThreadPoolExecutor(1) as prefetch:
         pending = prefetch.submit(_load_batch, archive, batches[0]) if batches else None
         for b in range(len(batches)):
             t0 = time.perf_counter()

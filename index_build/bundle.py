@@ -171,8 +171,13 @@ def resolve_version_dir(path: str | os.PathLike[str]) -> Path:
     if not p.exists():
         raise NotFoundError(f"index bundle {p} does not exist; build one with 'cbmir build --out {p}'")
     if (p / CURRENT).is_file():
-        version = (p / CURRENT).read_text().strip()
-        if not version or "/" in version or not (p / version).is_dir():
+        try:
+            version = (p / CURRENT).read_text(encoding="ascii").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise BundleError(
+                f"{p / CURRENT}: unreadable ({type(exc).__name__}); it must name a version folder"
+            ) from exc
+        if not version or "/" in version or "\0" in version or not (p / version).is_dir():
             raise BundleError(f"{p / CURRENT} names version {version!r}, which is missing")
         return p / version
     if (p / MANIFEST).is_file():

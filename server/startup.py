@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import signal
@@ -14,6 +15,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from cbmir.index_build.bundle import resolve_version_dir
 from cbmir.v1 import retrieval_pb2 as pb
 from cbmir.v1 import retrieval_pb2_grpc as pb_grpc
 
@@ -35,6 +37,8 @@ class RunningServer:
     service: RetrievalService
     health: health.HealthServicer
     ready: threading.Event
+    failure: list[BaseException]
+    """The start-up load's exception, if it failed (set before ``ready``)."""
 
     def stop(self, grace: float | None = None) -> None:
         """Health goes NOT_SERVING first, then in-flight streams get ``grace`` seconds to finish."""
@@ -79,9 +83,16 @@ def start_server(config: ServerConfig, *, wait_ready: bool = False) -> RunningSe
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
     address = f"{config.host}:{config.port}"
-    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    try:
+        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError as exc:  # grpc raises RuntimeError("Failed to bind ...")
+        port = 0
+        log.debug("bind failed: %s", exc)
     if port == 0:
-        raise OSError(f"cannot bind {config.host}:{config.port}")
+        raise OSError(
+            errno.EADDRINUSE,
+            f"cannot bind {address} (in use or not an address of this machine); pick another --port or --host",
+        )
     server.start()
     ready = threading.Event()
     failure: list[BaseException] = []
@@ -99,7 +110,7 @@ def start_server(config: ServerConfig, *, wait_ready: bool = False) -> RunningSe
         ready.set()
 
     threading.Thread(target=load, name="cbmir-load", daemon=True).start()
-    running = RunningServer(server, port, service, health_servicer, ready)
+    running = RunningServer(server, port, service, health_servicer, ready, failure)
     if wait_ready:
         ready.wait()
         if failure:
@@ -109,7 +120,17 @@ def start_server(config: ServerConfig, *, wait_ready: bool = False) -> RunningSe
 
 
 def serve_forever(config: ServerConfig) -> None:
-    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    """Run until SIGTERM or SIGINT, then shut down gracefully.
+
+    Raises:
+        CbmirError or OSError: the bundle cannot be loaded at start-up (the process must exit non-zero), the
+            device is unavailable, or the address cannot be bound.
+    """
+    resolve_version_dir(config.index)  # a missing or foreign folder fails here, before anything binds
+    if config.device != "auto":
+        from cbmir.extractors import resolve_device
+
+        resolve_device(config.device)
     running = start_server(config)
     log.info(json.dumps({"event": "listening", "host": config.host, "port": running.port}))
     print(f"cbmir serving {config.index} on {config.host}:{running.port}", flush=True)
@@ -136,5 +157,8 @@ def serve_forever(config: ServerConfig) -> None:
     signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=reload, args=("SIGHUP",), daemon=True).start())
     if config.watch_s > 0:
         threading.Thread(target=watch, name="cbmir-watch", daemon=True).start()
-    stopping.wait()
+    while not stopping.wait(0.2):
+        if running.ready.is_set() and running.failure:
+            running.stop(0)
+            raise running.failure[0]
     running.stop()
