@@ -105,16 +105,42 @@ def _labelled_images(args: argparse.Namespace) -> tuple[Any, Any]:
     return archive, data.subset(keep)
 
 
+def check_model_arguments(model: str, weights: str | None, device: str) -> None:
+    """Refuse a bad --model, --weights or --device before any image is read.
+
+    Raises:
+        InvalidInputError: the name is not a timm model, the weights file is missing, or CUDA is absent.
+    """
+    import timm
+
+    from cbmir.extractors import resolve_device
+
+    resolve_device(device)
+    if not timm.is_model(model):
+        close = timm.list_models(f"*{model.split('_')[0]}*")[:5]
+        raise InvalidInputError(
+            f"--model {model!r} is not a timm model" + (f"; similar: {', '.join(close)}" if close else "")
+        )
+    if weights and weights not in ("imagenet", "timm", "random") and not os.path.isfile(weights):
+        raise InvalidInputError(f"--weights {weights}: no such file; use imagenet, timm, random or a checkpoint path")
+
+
 def cmd_build(args: argparse.Namespace) -> int:
+    from cbmir.extractors import extractor_class
     from cbmir.index_build import build_bundle
 
+    configs = extractor_configs(args)
+    for name, cfg in configs.items():
+        extractor_class(cfg.get("extractor", name))
+    if "cnn" in configs:
+        check_model_arguments(args.model, args.weights, args.device)
     archive = _selected_archive(args)
     log.info("archive %s: %d images", archive.source, len(archive))
     t0 = time.perf_counter()
     report = build_bundle(
         archive,
         args.out,
-        extractor_configs(args),
+        configs,
         batch_size=args.batch_size,
         device=args.device,
         fit_sample=args.fit_sample,
@@ -133,6 +159,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from cbmir.training.trainer import save_checkpoint, train_extractor
 
+    check_model_arguments(args.model, args.weights, args.device)
     archive, data = _labelled_images(args)
     labels = data.column(args.label_field)
     groups = data.column(args.group_field) if args.group_field else None

@@ -94,19 +94,12 @@ def build_request(
     """A ``SearchRequest`` with exactly one query kind set.
 
     Raises:
-        InvalidInputError: ``k`` below 1, ``k_prep`` negative, or not exactly one query kind given.
+        InvalidInputError: ``k`` below 1 or ``k_prep`` negative (the server checks everything else).
     """
     if k < 1:
         raise InvalidInputError(f"k must be at least 1, got {k}")
     if k_prep < 0:
         raise InvalidInputError(f"k_prep must be 0 (default) or at least k, got {k_prep}")
-    kinds = [
-        name
-        for name, v in (("image", image), ("pixels", pixels), ("archive_id", archive_id), ("vector", vector))
-        if v is not None
-    ]
-    if len(kinds) != 1:
-        raise InvalidInputError(f"give exactly one of image, pixels, archive_id or vector, got {kinds or 'none'}")
     req = pb.SearchRequest(
         k=k,
         method=method,

@@ -184,3 +184,34 @@ def test_every_option_has_help_and_shows_its_default() -> None:
             shows_default = action.default not in (None, False) and not action.required
             if shows_default:
                 assert f"(default: {action.default})" in " ".join(text.split()), f"{p.prog} {action.option_strings}"
+
+
+def test_bad_model_or_weights_are_refused_before_the_archive_is_read(tmp_path: Path) -> None:
+    mednist = require(Path(str(UNIFESP)).parent / "mednist" / "mednist_58954_jpeg.zip")
+    bad_model = run_cli(
+        "build",
+        "--images",
+        str(mednist),
+        "--out",
+        str(tmp_path / "b"),
+        "--extractors",
+        "cnn",
+        "--model",
+        "efficientnet_b99",
+        "--no-progress",
+    )
+    assert bad_model.returncode == 2 and "not a timm model" in one_error_line(bad_model.stderr)
+    bad_weights = run_cli(
+        "train",
+        "--images",
+        str(mednist),
+        "--out",
+        str(tmp_path / "m.pt"),
+        "--weights",
+        str(tmp_path / "none.pt"),
+        "--no-progress",
+    )
+    assert bad_weights.returncode == 2 and "none.pt: no such file" in one_error_line(bad_weights.stderr)
+    for done in (bad_model, bad_weights):
+        assert "images" not in done.stderr.replace(str(mednist), "")  # no archive listing or decoding happened
+    assert not (tmp_path / "b").exists()
