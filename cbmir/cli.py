@@ -83,7 +83,16 @@ def _selected_archive(args: argparse.Namespace) -> Any:
     missing = getattr(archive, "missing", [])
     if missing:
         log.warning("%d rows of the labels CSV name no image in the archive (e.g. %s)", len(missing), missing[:3])
-    return archive.select({k: v[-1] for k, v in _pairs(args.select, "--select").items()})
+    where = {k: v[-1] for k, v in _pairs(args.select, "--select").items()}
+    splits = sorted({e.metadata["split"] for e in archive.entries if "split" in e.metadata})
+    if len(splits) > 1 and "split" not in where:
+        log.warning(
+            "%s holds the splits %s and all of them are used; --select split=%s uses one",
+            archive.source,
+            ", ".join(splits),
+            splits[-1] if "train" not in splits else "train",
+        )
+    return archive.select(where)
 
 
 def _labelled_images(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -226,6 +235,10 @@ def _markdown_table(results: list[dict[str, Any]]) -> str:
             f"| {r['method']} | {r['relevance']} | {r['queries']} | {r['mP@k'][0]:.4f} | {r['mP@k'][-1]:.4f} "
             f"| {r['seed_mAP']:.4f} | {ap} |"
         )
+    chance = {r["relevance"]: r for r in results if r.get("chance_P@k") is not None}
+    for relevance, r in chance.items():
+        c = r["chance_P@k"]
+        lines.append(f"| chance (random ranking) | {relevance} | {r['queries']} | {c:.4f} | {c:.4f} | {c:.4f} | n/a |")
     return "\n".join(lines)
 
 
@@ -379,13 +392,22 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--images", required=True, help="folder tree, .zip of images, or .npz of arrays")
     b.add_argument("--labels", help="CSV keyed by relative path (column 'path'); default: labels.csv beside it")
     b.add_argument("--out", required=True, help="bundle directory (a new version is published atomically)")
-    b.add_argument("--extractors", default="cnn,hog,bovw", help="comma-separated: cnn, hog, bovw")
+    b.add_argument(
+        "--extractors",
+        default="cnn,hog",
+        help="comma-separated: cnn, hog, bovw (bovw is opt-in: the weakest here and slow to fit)",
+    )
     b.add_argument("--model", default="tf_efficientnet_lite0", help="timm backbone for cnn")
     b.add_argument("--weights", help="imagenet (offline package), timm (hub download), random, or a file")
     b.add_argument("--image-size", type=int, default=0, help="cnn input side (default 224)")
     b.add_argument("--pca-dim", type=int, default=0, help="reduce cnn descriptors with PCA")
     b.add_argument("--whiten", action="store_true", help="whiten the PCA components")
-    b.add_argument("--bovw-words", type=int, default=4000, help="BoVW vocabulary size")
+    b.add_argument(
+        "--bovw-words",
+        type=int,
+        default=0,
+        help="BoVW vocabulary size; 0: the paper's 4000, fewer when the images give too few SIFT keypoints",
+    )
     b.add_argument("--fit-sample", type=int, default=5000, help="images sampled to fit the BoVW vocabulary")
     b.add_argument(
         "--index-type",
@@ -398,7 +420,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--device", default="auto", choices=DEVICE_CHOICES, help="where extractors run (auto: CUDA when present)"
     )
-    b.add_argument("--select", action="append", metavar="FIELD=VALUE", help="index only matching images")
+    b.add_argument(
+        "--select",
+        action="append",
+        metavar="FIELD=VALUE",
+        help="index only images whose metadata FIELD is VALUE (repeatable; an .npz's splits: split=train)",
+    )
     b.add_argument("--no-progress", action="store_true", help="no progress bars (for logs and CI)")
     b.add_argument(
         "--dicom-window",
@@ -416,7 +443,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--index", required=True, help="bundle directory")
     a.add_argument("--images", required=True, help="folder tree, .zip or .npz of new images")
     a.add_argument("--labels", help="labels CSV for the new images")
-    a.add_argument("--select", action="append", metavar="FIELD=VALUE", help="add only matching images")
+    a.add_argument(
+        "--select",
+        action="append",
+        metavar="FIELD=VALUE",
+        help="add only images whose metadata FIELD is VALUE (repeatable; an .npz's splits: split=train)",
+    )
     a.add_argument("--id-prefix", default="", help="prepended to the new images' ids (keeps sources apart)")
     a.add_argument("--batch-size", type=int, default=64, help="images decoded and described per batch")
     a.add_argument(
@@ -437,7 +469,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--labels", help="labels CSV (default: labels.csv beside or inside the archive)")
     t.add_argument("--label-field", default="label", help="metadata column holding the class")
     t.add_argument("--group-field", help="column grouping images of one patient; validation never shares one")
-    t.add_argument("--select", action="append", metavar="FIELD=VALUE", help="train only on matching images")
+    t.add_argument(
+        "--select",
+        action="append",
+        metavar="FIELD=VALUE",
+        help="train only on images whose metadata FIELD is VALUE (repeatable; split=train for an .npz)",
+    )
     t.add_argument("--max-images", type=int, default=0, help="class-balanced subsample of this many images")
     _add_train_flags(t)
     t.add_argument(
@@ -472,7 +509,12 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--cv-folds", type=int, default=0, help="number of folds; needs --images")
     cv.add_argument("--images", help="labelled archive to split into folds")
     cv.add_argument("--labels", help="labels CSV for --images")
-    cv.add_argument("--select", action="append", metavar="FIELD=VALUE", help="use only matching images")
+    cv.add_argument(
+        "--select",
+        action="append",
+        metavar="FIELD=VALUE",
+        help="use only images whose metadata FIELD is VALUE (repeatable; split=train for an .npz)",
+    )
     cv.add_argument("--max-images", type=int, default=0, help="class-balanced subsample of this many images")
     cv.add_argument("--label-field", default="label", help="class column the fine-tuning learns")
     cv.add_argument("--group-field", help="patient column: folds and exclusions never split a group")

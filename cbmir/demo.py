@@ -43,7 +43,7 @@ def run_demo(out: Path, device: str = "auto") -> int:
         {"cnn": {"image_size": 224}, "hog": {}, "bovw": {"words": 64}},
         batch_size=16,
         device=device,
-        on_skip=lambda s: skipped.append(f"{s['id']}: {s['error'].split(': ', 1)[-1][:100]}"),
+        on_skip=lambda s: skipped.append(f"{s['id']}: {s['error'].split(': ', 1)[-1]}"),
     )
     print(
         f"   {report.count} indexed, {len(report.skipped)} unreadable and skipped, "

@@ -72,7 +72,10 @@ def score_rankings(
     excluded: Sequence[np.ndarray],
     rel_spec: str,
 ) -> dict[str, Any]:
-    """mP@1..K, the paper's mAP and standard AP@K of ranked archive rows.
+    """mP@1..K, the paper's mAP and standard AP@K of ranked archive rows, and the chance baseline.
+
+    ``chance_P@k`` is the expected P@k (for every k, so also the expected seed mAP) of a random ranking: per query,
+    the share of relevant items among the images it may retrieve, averaged over queries.
 
     Args:
         rows: (Q, K) archive rows per query, -1 for empty slots.
@@ -92,12 +95,15 @@ def score_rankings(
     )
     valid = query_codes >= 0
     ap = average_precision_at_k(relevant[valid], n_relevant[valid])
+    candidates = np.array([len(archive_codes) - len(ex) for ex in excluded])
+    chance = n_relevant[valid] / np.maximum(candidates[valid], 1)
     return {
         "queries": int(valid.sum()),
         "mP@k": [round(float(x), 6) for x in mean_precision_at_k(relevant[valid])],
         "seed_mAP": round(seed_map(relevant[valid]), 6),
         "AP@10": round(float(np.nanmean(ap)), 6) if np.isfinite(ap).any() else None,
         "queries_without_relevant": int(np.isnan(ap).sum()),
+        "chance_P@k": round(float(chance.mean()), 6) if len(chance) else None,
     }
 
 

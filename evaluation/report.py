@@ -39,6 +39,10 @@ def quality_table(path: Path, paper_column: dict[str, str]) -> str:
             paper_s = f" ({paper:.4f})" if paper is not None else ""
             cells += [f"{r['seed_mAP']:.4f}{paper_s}", f"{r['AP@10']:.4f}", f"{r['mP@k'][0]:.4f}"]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    chance = [results.get((methods[0], rel), {}).get("chance_P@k") for rel in relevances]
+    if any(c is not None for c in chance):
+        cells = [f"{c:.4f}" if c is not None else "" for c in chance]
+        lines.append("| chance (random ranking) | " + " | ".join(f"{c} | n/a | {c}" for c in cells) + " |")
     cfg = doc["config"]
     lines.append("")
     lines.append(

@@ -7,6 +7,7 @@ and L2-normalised, so inner product is cosine similarity.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Sequence
@@ -24,6 +25,12 @@ from .base import Extractor
 from .imaging import resize_batch
 from .registry import register_extractor
 
+log = logging.getLogger("cbmir.extractors.bovw")
+PAPER_WORDS = 4000
+"""The reference paper's vocabulary size."""
+MIN_POINTS_PER_WORD = 39
+"""FAISS k-means warns below this many training points per centroid."""
+
 
 def root_sift(descriptors: np.ndarray) -> np.ndarray:
     """RootSIFT: L1-normalise each SIFT descriptor, then take the element-wise square root. (K, 128) -> (K, 128)."""
@@ -37,7 +44,8 @@ class BoVWExtractor(Extractor):
     """SIFT/RootSIFT bag of visual words with TF-IDF.
 
     Args:
-        words: vocabulary size (the paper's 4000).
+        words: vocabulary size; 0 (default) picks the paper's 4000, or fewer when the fit sample yields fewer than
+            39 SIFT descriptors per word (FAISS's minimum for a stable k-means), as on small images.
         image_size: images are resized to this square side before keypoint detection.
         max_keypoints: strongest keypoints kept per image.
         kmeans_iters: k-means iterations (paper: 50).
@@ -53,7 +61,7 @@ class BoVWExtractor(Extractor):
 
     def __init__(
         self,
-        words: int = 4000,
+        words: int = 0,
         image_size: int = 256,
         max_keypoints: int = 350,
         kmeans_iters: int = 50,
@@ -63,8 +71,8 @@ class BoVWExtractor(Extractor):
         threads: int | None = None,
         device: str = "cpu",
     ) -> None:
-        if words < 2:
-            raise InvalidInputError(f"words must be at least 2, got {words}")
+        if words != 0 and words < 2:
+            raise InvalidInputError(f"words must be at least 2 (or 0 to choose from the archive), got {words}")
         super().__init__("cpu")  # OpenCV SIFT and FAISS k-means run on the CPU whatever the device asked for
         self.words, self.image_size, self.max_keypoints = int(words), int(image_size), int(max_keypoints)
         self.kmeans_iters, self.kmeans_restarts = int(kmeans_iters), int(kmeans_restarts)
@@ -112,10 +120,30 @@ class BoVWExtractor(Extractor):
 
     def fit(self, images: Sequence[np.ndarray]) -> None:
         sample = np.concatenate(self.local_descriptors(images) or [np.zeros((0, 128), np.float32)])
-        if len(sample) < self.words:
+        if self.words == 0:
+            self.words = min(PAPER_WORDS, len(sample) // MIN_POINTS_PER_WORD)
+            log.info(
+                "bovw: %d visual words from %d SIFT descriptors of %d images (at most %d, at least %d "
+                "descriptors per word)",
+                self.words,
+                len(sample),
+                len(images),
+                PAPER_WORDS,
+                MIN_POINTS_PER_WORD,
+            )
+        elif len(sample) < self.words * MIN_POINTS_PER_WORD:
+            log.warning(
+                "bovw: %d words from %d SIFT descriptors is fewer than %d per word; the vocabulary may be "
+                "unstable (--bovw-words 0 chooses %d)",
+                self.words,
+                len(sample),
+                MIN_POINTS_PER_WORD,
+                len(sample) // MIN_POINTS_PER_WORD,
+            )
+        if len(sample) < max(self.words, 2):
             raise InvalidInputError(
                 f"a vocabulary of {self.words} words needs at least as many SIFT descriptors; the fit sample of "
-                f"{len(images)} images gave {len(sample)}. Use more images or fewer words (--bovw-words)"
+                f"{len(images)} images gave {len(sample)}. Use more or larger images, or fewer words (--bovw-words)"
             )
         kmeans = faiss.Kmeans(
             128,
@@ -124,6 +152,7 @@ class BoVWExtractor(Extractor):
             nredo=self.kmeans_restarts,
             seed=self.seed,
             max_points_per_centroid=self.max_points_per_centroid,
+            min_points_per_centroid=1,  # too few points is reported above, once, in cbmir's words
             verbose=False,
         )
         kmeans.train(np.ascontiguousarray(sample, dtype=np.float32))

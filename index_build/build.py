@@ -22,6 +22,7 @@ from cbmir.checksums import sha256_pixels
 from cbmir.errors import InvalidInputError
 from cbmir.extractors import Extractor, create_extractor, resolve_device
 from cbmir.machine import cpu_model
+from cbmir.progress import progress_step
 
 from .archive import Archive, ImageRecord
 from .bundle import RECORDS, BundleWriter, update_lock
@@ -191,10 +192,12 @@ def build_bundle(
         t0 = time.perf_counter()
         rng = np.random.default_rng(seed)
         sample_idx = np.sort(rng.choice(len(archive), size=min(fit_sample, len(archive)), replace=False))
-        sample, _ = _load_batch(archive, sample_idx.tolist())
+        with progress_step(f"reading {len(sample_idx)} images to fit {', '.join(to_fit)}", enabled=progress):
+            sample, _ = _load_batch(archive, sample_idx.tolist())
         for name in to_fit:
             t1 = time.perf_counter()
-            methods[name].fit([r.image for r in sample])
+            with progress_step(f"fitting {name} on {len(sample)} images", enabled=progress):
+                methods[name].fit([r.image for r in sample])
             timings[f"fit_{name}"] = time.perf_counter() - t1
         timings["fit_total"] = time.perf_counter() - t0
 
@@ -229,7 +232,8 @@ def build_bundle(
             params: dict[str, Any] = {}
             if chosen != "flat":
                 t1 = time.perf_counter()
-                index, params = build_index(descriptors[name], ex.metric, chosen, index_params, seed=seed)
+                with progress_step(f"training the {chosen} index of {name} ({len(records)} vectors)", enabled=progress):
+                    index, params = build_index(descriptors[name], ex.metric, chosen, index_params, seed=seed)
                 files["index"] = f"{name}.faiss"
                 writer.write_bytes(files["index"], faiss.serialize_index(index))
                 timings[f"index_{name}"] = time.perf_counter() - t1

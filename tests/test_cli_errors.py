@@ -215,3 +215,71 @@ def test_bad_model_or_weights_are_refused_before_the_archive_is_read(tmp_path: P
     for done in (bad_model, bad_weights):
         assert "images" not in done.stderr.replace(str(mednist), "")  # no archive listing or decoding happened
     assert not (tmp_path / "b").exists()
+
+
+def test_npz_splits_are_named_and_selectable(tmp_path: Path, caplog) -> None:
+    import numpy as np
+
+    from cbmir.index_build import load_bundle
+
+    rng = np.random.default_rng(0)
+    npz = tmp_path / "tiny.npz"
+    np.savez(
+        npz,
+        train_images=(rng.random((4, 64, 64)) * 255).astype(np.uint8),
+        train_labels=np.arange(4),
+        test_images=(rng.random((3, 64, 64)) * 255).astype(np.uint8),
+        test_labels=np.arange(3),
+    )
+    with caplog.at_level("WARNING", logger="cbmir"):
+        assert (
+            main(
+                ["build", "--images", str(npz), "--out", str(tmp_path / "all"), "--extractors", "hog", "--no-progress"]
+            )
+            == 0
+        )
+    assert "holds the splits test, train and all of them are used; --select split=train uses one" in caplog.text
+    assert len(load_bundle(tmp_path / "all")) == 7
+    assert (
+        main(
+            [
+                "build",
+                "--images",
+                str(npz),
+                "--out",
+                str(tmp_path / "train"),
+                "--extractors",
+                "hog",
+                "--select",
+                "split=train",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert sorted(load_bundle(tmp_path / "train").ids) == [f"train/{i:06d}" for i in range(4)]
+
+
+def test_bovw_on_small_images_sizes_its_vocabulary_quietly(tmp_path: Path) -> None:
+    import json
+    import zipfile
+
+    from cbmir.index_build import load_bundle
+
+    folder = tmp_path / "small"
+    folder.mkdir()
+    with zipfile.ZipFile(require(Path(str(UNIFESP)).parent / "mednist" / "mednist_58954_jpeg.zip")) as zf:
+        names = sorted(n for n in zf.namelist() if n.endswith(".jpeg"))[::1500][:40]
+        for i, name in enumerate(names):
+            (folder / f"{i:03d}.jpeg").write_bytes(zf.read(name))
+    assert build_parser().parse_args(["build", "--images", "x", "--out", "y"]).extractors == "cnn,hog"
+    done = run_cli(
+        "build", "--images", str(folder), "--out", str(tmp_path / "b"), "--extractors", "bovw", "--no-progress"
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "WARNING clustering" not in done.stderr and "please provide at least" not in done.stderr
+    words = load_bundle(tmp_path / "b").methods["bovw"].config["words"]
+    assert 2 <= words < 4000
+    assert f"bovw: {words} visual words from" in done.stderr
+    assert "fitting bovw on 40 images: done in" in done.stderr
+    json.dumps(words)

@@ -28,6 +28,20 @@ def test_leave_one_out_with_patient_exclusion_matches_manual_computation(small_b
     np.testing.assert_allclose(by_method["hog"]["mP@k"], np.mean(precisions, axis=0), atol=1e-6)
     assert by_method["hog"]["seed_mAP"] == round(float(np.mean(precisions)), 6)
     assert 0.0 < by_method["cnn+hog"]["seed_mAP"] <= 1.0
+    # chance: per query, relevant share of the images it may retrieve (other patients), averaged
+    shares = [
+        np.count_nonzero((labels == labels[i]) & (patients != patients[i])) / np.count_nonzero(patients != patients[i])
+        for i in range(len(bundle))
+    ]
+    assert by_method["hog"]["chance_P@k"] == round(float(np.mean(shares)), 6)
+
+
+def test_chance_baseline_without_exclusion_is_the_class_share(small_bundle, capsys):
+    bundle = load_bundle(small_bundle)
+    doc = evaluate(bundle, ["hog"], ["label"], device="cpu", progress=False)
+    assert doc["results"][0]["chance_P@k"] == round(29 / 89, 6)  # 3 labels x 30 images, the query left out
+    assert main(["eval", "--index", str(small_bundle), "--methods", "hog", "--no-progress"]) == 0
+    assert "| chance (random ranking) | label | 90 | 0.3258 | 0.3258 | 0.3258 | n/a |" in capsys.readouterr().out
 
 
 def test_cli_eval_writes_json_and_cli_errors_are_clean(small_bundle, tmp_path, capsys):
