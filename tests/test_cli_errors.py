@@ -283,3 +283,16 @@ def test_bovw_on_small_images_sizes_its_vocabulary_quietly(tmp_path: Path) -> No
     assert f"bovw: {words} visual words from" in done.stderr
     assert "fitting bovw on 40 images: done in" in done.stderr
     json.dumps(words)
+
+
+def test_an_unreadable_file_is_reported_once_by_name(tmp_path: Path) -> None:
+    folder = tmp_path / "archive"
+    folder.mkdir()
+    for i in range(3):
+        shutil.copy(require(UNIFESP) / "images" / f"{i:05d}.png", folder / f"{i}.png")
+    (folder / "broken.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00\x10\x00garbage" * 4)
+    done = run_cli("build", "--images", str(folder), "--out", str(tmp_path / "b"), "--extractors", "hog")
+    assert done.returncode == 0, done.stderr[-3000:]
+    warnings = [line for line in done.stderr.splitlines() if "skipped" in line and "broken.dcm" in line]
+    assert len(warnings) == 1 and warnings[0].count("broken.dcm") == 1, done.stderr[-3000:]
+    assert "<_io.BytesIO" not in done.stderr
