@@ -310,6 +310,8 @@ class SearchEngine:
 
 def _exact_subset_search(info: MethodIndex, q: np.ndarray, k: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Exact search restricted to ``rows``: approximate indices lose hits under restrictive selectors."""
+    if not len(rows):  # nothing allowed: no hits, on every index type
+        return np.full((len(q), 1), np.inf, np.float32), np.full((len(q), 1), -1, np.int64)
     sub = faiss.IndexFlat(info.dim, FAISS_METRICS[info.metric])
     if len(rows):
         sub.add(np.ascontiguousarray(info.descriptors[rows], dtype=np.float32))

@@ -1,3 +1,4 @@
+import faiss
 import numpy as np
 import pytest
 
@@ -75,3 +76,55 @@ def test_itq_coarse_to_fine_returns_exact_float_distances():
     for metric in ("l1", "cosine"):
         with pytest.raises(InvalidInputError, match="itq"):
             build_index(x, metric, "itq")
+
+
+EMPTY_FILTER = {"label": ["no-such-label"]}
+
+
+@pytest.mark.parametrize("index_type", ["flat", "ivf", "hnsw", "sq8", "ivfpq", "itq"])
+def test_a_filter_matching_nothing_gives_zero_hits_on_every_index_type(small_bundle, index_type):
+    """Every query kind the engine serves: plain, excluded (archive id), re-ranked, batched."""
+    bundle = load_bundle(small_bundle)
+    cnn = bundle.methods["cnn"]
+    if index_type == "ivfpq":  # 90 vectors are too few for 8-bit PQ codes: 4-bit ones, same index type
+        cnn.index = faiss.index_factory(cnn.dim, "IVF2,PQ8x4")
+        cnn.index.train(cnn.descriptors)
+        cnn.index.add(cnn.descriptors)
+    elif index_type != "flat":
+        cnn.index, _ = build_index(cnn.descriptors, "l2", index_type, {"nlist": 2, "bits": 64})
+    cnn.index_type = index_type
+    engine = SearchEngine(bundle, device="cpu")
+    allowed = engine.allowed_rows(EMPTY_FILTER)
+    assert allowed is not None and not allowed.any()
+    q, hog_q = cnn.descriptors[:3], bundle.methods["hog"].descriptors[:3]
+    results = [
+        engine.search("cnn", q, 5, allowed=allowed),
+        engine.search("cnn", q, 5, allowed=allowed, exclude=[np.array([0]), np.array([1]), np.array([2])]),
+        engine.search("cnn", q, 5, allowed=allowed, rerank="hog", rerank_queries=hog_q, k_prep=20),
+    ]
+    for res in results:
+        assert res.rows.shape == (3, 5) and (res.rows == -1).all() and np.isinf(res.distances).all()
+
+
+def test_a_filter_matching_nothing_over_grpc_on_an_approximate_index(unifesp_subset, tmp_path):
+    from cbmir.client import RetrievalClient, build_request
+    from cbmir.server.config import ServerConfig
+    from cbmir.server.startup import start_server
+    from tests.helpers import real_png
+
+    root, labels = unifesp_subset
+    build_bundle(open_archive(root, labels), tmp_path / "b", {"hog": {}}, device="cpu", progress=False,
+                 index_type="hnsw")
+    running = start_server(ServerConfig(index=str(tmp_path / "b"), port=0, device="cpu"), wait_ready=True)
+    try:
+        with RetrievalClient(f"127.0.0.1:{running.port}") as client:
+            first = load_bundle(tmp_path / "b").ids[0]
+            filters = {"label": "no-such-label"}
+            assert client.search_image(real_png(0), k=5, method="hog", filters=filters) == []
+            assert client.search_id(first, k=5, method="hog", filters=filters) == []
+            assert client.search_id(first, k=5, method="hog", rerank="hog", k_prep=20, filters=filters) == []
+            batch = [build_request(archive_id=first, k=3, method="hog", filters=filters),
+                     build_request(image=real_png(1), k=3, method="hog", filters=filters)]
+            assert client.search_batch(batch) == [[], []]
+    finally:
+        running.stop(0)
