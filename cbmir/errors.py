@@ -35,3 +35,15 @@ class UnauthenticatedError(CbmirError):
 
 class PermissionDeniedError(CbmirError):
     """The token is valid but its role may not call this method."""
+
+
+SHOWN_CHARS = 100
+"""Longest piece of a caller's string that an error message repeats."""
+
+
+def shown(value: object, limit: int = SHOWN_CHARS) -> str:
+    """``repr`` of a caller-supplied value for an error message, cut to ``limit`` characters plus its length."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"

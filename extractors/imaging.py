@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from cbmir.defaults import DEFAULT_MAX_PIXELS
-from cbmir.errors import InvalidInputError
+from cbmir.errors import InvalidInputError, shown
 
 DicomWindows = Mapping[str, tuple[float, float]]
 """Modality -> (window centre, window width) applied to DICOM files that carry no VOI window of their own, in
@@ -226,7 +226,7 @@ def pixels_from_buffer(width: int, height: int, dtype: str, data: bytes) -> np.n
         "float32": np.dtype("<f4"),
     }
     if dtype not in allowed:
-        raise InvalidInputError(f"unsupported pixel dtype {dtype!r}; use one of {sorted(allowed)}")
+        raise InvalidInputError(f"unsupported pixel dtype {shown(dtype)}; use one of {sorted(allowed)}")
     if width <= 0 or height <= 0:
         raise InvalidInputError(f"pixel array needs positive width and height, got {width}x{height}")
     itemsize = allowed[dtype].itemsize

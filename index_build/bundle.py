@@ -46,7 +46,6 @@ FORMAT_VERSION = 1
 CURRENT = "CURRENT"
 MANIFEST = "manifest.json"
 RECORDS = "records.json"
-KEEP_VERSIONS = 2
 
 
 def _fsync_dir(path: Path) -> None:
@@ -64,17 +63,37 @@ def _write_bytes_durably(path: Path, data: bytes) -> None:
         os.fsync(fh.fileno())
 
 
+def _is_version_dir(path: Path) -> bool:
+    """A folder named like a version that holds a cbmir manifest (published or orphaned by a crash)."""
+    return path.is_dir() and path.name.startswith("v") and (path / MANIFEST).is_file()
+
+
+def _live_version(root: Path) -> str | None:
+    """The version ``CURRENT`` names, or None when there is no readable pointer."""
+    try:
+        return (root / CURRENT).read_text(encoding="ascii").strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
 class BundleWriter:
-    """Collects the files of one new version and publishes it atomically with :meth:`commit`."""
+    """Collects the files of one new version and publishes it atomically with :meth:`commit`.
+
+    Must be used under :func:`update_lock`: at start it removes what crashed writers left (temporary folders,
+    half-written ``CURRENT`` pointers, version folders that were never published).
+    """
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
         if self.root.exists() and not self.root.is_dir():
             raise BundleError(f"{self.root} exists and is not a directory")
-        visible = self.root.is_dir() and any(not p.name.startswith(".") for p in self.root.iterdir())
-        if visible and not (self.root / CURRENT).exists():
+        foreign = self.root.is_dir() and any(
+            not p.name.startswith(".") and p.name != CURRENT and not _is_version_dir(p) for p in self.root.iterdir()
+        )
+        if foreign and not (self.root / CURRENT).exists():
             raise BundleError(f"{self.root} is a non-empty directory that is not an index bundle; choose another --out")
         self.root.mkdir(parents=True, exist_ok=True)
+        self._remove_leftovers()
         self.tmp = self.root / f".tmp-{uuid.uuid4().hex[:12]}"
         self.tmp.mkdir()
         self._files: list[str] = []
@@ -123,25 +142,39 @@ class BundleWriter:
         _write_bytes_durably(self.tmp / MANIFEST, json.dumps(manifest, indent=2).encode())
         _fsync_dir(self.tmp)
         final = self.root / version
+        previous = _live_version(self.root)
         os.rename(self.tmp, final)
         pointer = self.root / f".{CURRENT}.{uuid.uuid4().hex[:8]}"
         _write_bytes_durably(pointer, version.encode())
         os.replace(pointer, self.root / CURRENT)
         _fsync_dir(self.root)
-        self._prune(keep=version)
+        self._prune(keep={version, previous})
         return final
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
-    def _prune(self, keep: str) -> None:
-        versions = sorted(p for p in self.root.iterdir() if p.is_dir() and p.name.startswith("v"))
-        for old in versions[:-KEEP_VERSIONS]:
-            if old.name != keep:
-                shutil.rmtree(old, ignore_errors=True)
-        for stale in self.root.glob(".tmp-*"):
-            if stale != self.tmp:
+    def _prune(self, keep: set[str | None]) -> None:
+        """Delete every version folder but the live one and the one it replaced (readers may still use it)."""
+        for path in self.root.iterdir():
+            if _is_version_dir(path) and path.name not in keep:
+                shutil.rmtree(path, ignore_errors=True)
+
+    def _remove_leftovers(self) -> None:
+        """Temporary folders and pointers of crashed writers, and version folders no ``CURRENT`` ever named.
+
+        Only what is neither live nor the newest published version before it goes: a version folder newer than
+        the live one was never published (the writer died before switching ``CURRENT``).
+        """
+        for stale in [*self.root.glob(".tmp-*"), *self.root.glob(f".{CURRENT}.*")]:
+            if stale.is_dir():
                 shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
+        live = _live_version(self.root)
+        for path in self.root.iterdir():
+            if _is_version_dir(path) and (live is None or path.name > live):
+                shutil.rmtree(path, ignore_errors=True)
 
     def __enter__(self) -> BundleWriter:
         return self

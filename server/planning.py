@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cbmir.errors import InvalidInputError, NotFoundError
+from cbmir.errors import InvalidInputError, NotFoundError, shown
 from cbmir.extractors.imaging import pixels_from_buffer
 from cbmir.timing import stage
 from cbmir.v1 import retrieval_pb2 as pb
@@ -35,6 +35,44 @@ class QueryPlan:
     predicted_class: str = ""
 
 
+MAX_NAME_CHARS = 128
+"""Longest method name, filter field or pixel dtype accepted."""
+MAX_VALUE_CHARS = 1024
+"""Longest archive id or filter value accepted."""
+MAX_LIST_ITEMS = 10_000
+"""Most exclude_ids, filters, or values of one filter, in one request."""
+
+
+def _check_length(what: str, value: str, limit: int) -> None:
+    if len(value) > limit:
+        raise InvalidInputError(f"{what} is {len(value)} characters long; the limit is {limit}")
+
+
+def check_string_fields(request: pb.SearchRequest) -> None:
+    """Refuse oversized strings and lists before any of them is used or echoed.
+
+    Raises:
+        InvalidInputError: naming the field, its length and the limit.
+    """
+    _check_length("method", request.method, MAX_NAME_CHARS)
+    _check_length("rerank", request.rerank, MAX_NAME_CHARS)
+    _check_length("archive_id", request.archive_id, MAX_VALUE_CHARS)
+    _check_length("pixels.dtype", request.pixels.dtype, MAX_NAME_CHARS)
+    for what, count in (("exclude_ids", len(request.exclude_ids)), ("filters", len(request.filters))):
+        if count > MAX_LIST_ITEMS:
+            raise InvalidInputError(f"{what} holds {count} items; the limit is {MAX_LIST_ITEMS}")
+    for excluded in request.exclude_ids:
+        _check_length("an exclude_ids entry", excluded, MAX_VALUE_CHARS)
+    for f in request.filters:
+        _check_length("a filter field", f.field, MAX_NAME_CHARS)
+        if len(f.values) > MAX_LIST_ITEMS:
+            raise InvalidInputError(
+                f"filter {shown(f.field)} lists {len(f.values)} values; the limit is {MAX_LIST_ITEMS}"
+            )
+        for value in f.values:
+            _check_length(f"a value of filter {shown(f.field)}", value, MAX_VALUE_CHARS)
+
+
 def default_method(engine: SearchEngine, config: ServerConfig) -> str:
     """The configured default method when the bundle has it, else the bundle's first method."""
     return config.default_method if config.default_method in engine.methods else engine.methods[0]
@@ -46,6 +84,7 @@ def plan_query(engine: SearchEngine, request: pb.SearchRequest, config: ServerCo
     Raises:
         InvalidInputError: a field is out of range or inconsistent; NotFoundError: unknown archive id.
     """
+    check_string_fields(request)
     k = request.k or DEFAULT_K
     if not 1 <= k <= config.max_k:
         raise InvalidInputError(f"k must be between 1 and {config.max_k}, got {k}")
@@ -82,7 +121,9 @@ def plan_query(engine: SearchEngine, request: pb.SearchRequest, config: ServerCo
     elif kind == "archive_id":
         row = row_of.get(request.archive_id)
         if row is None:
-            raise NotFoundError(f"archive id {request.archive_id!r} is not in index version {engine.bundle.version}")
+            raise NotFoundError(
+                f"archive id {shown(request.archive_id)} is not in index version {engine.bundle.version}"
+            )
         plan.vector = engine.method(method).descriptors[row : row + 1]
         if rerank is not None:
             plan.rerank_vector = engine.method(rerank).descriptors[row : row + 1]

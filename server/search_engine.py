@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
-from cbmir.errors import InvalidInputError
+from cbmir.errors import InvalidInputError, shown
 from cbmir.extractors import Extractor
 from cbmir.extractors.imaging import DEFAULT_MAX_PIXELS, decode_image
 from cbmir.index_build.bundle import Bundle, MethodIndex
@@ -66,7 +66,7 @@ class SearchEngine:
     def method(self, name: str) -> MethodIndex:
         """The named method's index, or InvalidInputError listing the available ones."""
         if name not in self.bundle.methods:
-            raise InvalidInputError(f"unknown method {name!r}; this index has {', '.join(self.methods)}")
+            raise InvalidInputError(f"unknown method {shown(name)}; this index has {', '.join(self.methods)}")
         return self.bundle.methods[name]
 
     def extractor(self, name: str) -> Extractor:
@@ -119,7 +119,7 @@ class SearchEngine:
         for field, values in filters.items():
             if field not in self._values:
                 raise InvalidInputError(
-                    f"unknown filter field {field!r}; filterable fields are {', '.join(self.filter_fields)}"
+                    f"unknown filter field {shown(field)}; filterable fields are {', '.join(self.filter_fields)}"
                 )
             if not values:
                 raise InvalidInputError(f"filter on {field!r} lists no values")

@@ -1,7 +1,8 @@
 """Transport and caller security: TLS credentials (optionally mutual) and bearer-token roles as a server
 interceptor; health checks stay open.
 
-Tokens file: one ``ROLE TOKEN`` pair per line (``#`` starts a comment). ``search`` may call Search, SearchBatch,
+Tokens file: one ``ROLE TOKEN`` pair per line; a line whose first non-blank character is ``#`` is a comment (a ``#``
+anywhere else is part of the token). ``search`` may call Search, SearchBatch,
 GetIndexInfo and reflection; ``admin`` may also call Reload. Clients send ``authorization: Bearer TOKEN``.
 Every configured token is compared in constant time (``hmac.compare_digest``), all of them on every call.
 """
@@ -34,8 +35,8 @@ def read_tokens(path: str | os.PathLike[str]) -> list[tuple[bytes, str]]:
     except OSError as exc:
         raise InvalidInputError(f"cannot read tokens file {path}: {exc}") from exc
     for number, line in enumerate(lines, start=1):
-        line = line.split("#", 1)[0].strip()
-        if not line:
+        line = line.strip()
+        if not line or line.startswith("#"):
             continue
         parts = line.split()
         if len(parts) != 2 or parts[0] not in ROLES:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, cast
 
 import grpc
@@ -62,14 +63,17 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
+        if handler.request_deserializer is not None:  # bytes that are no message: INVALID_ARGUMENT, not INTERNAL
+            handler = replace_behaviour(handler, request_deserializer=_tolerant(handler.request_deserializer))
+        method = handler_call_details.method
         if handler.unary_unary is not None:
-            return replace_behaviour(handler, unary_unary=_mapped_unary(handler.unary_unary))
+            return replace_behaviour(handler, unary_unary=_mapped_unary(handler.unary_unary, method))
         if handler.stream_unary is not None:
-            return replace_behaviour(handler, stream_unary=_mapped_unary(handler.stream_unary))
+            return replace_behaviour(handler, stream_unary=_mapped_unary(handler.stream_unary, method))
         if handler.unary_stream is not None:
-            return replace_behaviour(handler, unary_stream=_mapped_stream(handler.unary_stream))
+            return replace_behaviour(handler, unary_stream=_mapped_stream(handler.unary_stream, method))
         if handler.stream_stream is not None:
-            return replace_behaviour(handler, stream_stream=_mapped_stream(handler.stream_stream))
+            return replace_behaviour(handler, stream_stream=_mapped_stream(handler.stream_stream, method))
         return handler
 
 
@@ -78,10 +82,41 @@ def replace_behaviour(handler: grpc.RpcMethodHandler, **behaviour: Any) -> grpc.
     return cast(grpc.RpcMethodHandler, cast(Any, handler)._replace(**behaviour))
 
 
-def _mapped_unary(inner: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[[Any, grpc.ServicerContext], Any]:
+@dataclass(frozen=True)
+class Unparseable:
+    """Stands in for a request whose bytes are no valid message; the handler wrapper refuses it."""
+
+    error: str
+
+
+def _tolerant(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:
+            return Unparseable(type(exc).__name__)
+
+    return parse
+
+
+def _parsed(request: Any, method: str) -> Any:
+    """The request, or InvalidInputError when its bytes did not parse (a stream's items are checked as they come)."""
+    if isinstance(request, Unparseable):
+        raise InvalidInputError(
+            f"the request to {method} is not a valid protobuf message ({request.error}); build it from "
+            "proto/cbmir/v1/retrieval.proto"
+        )
+    if isinstance(request, Iterator):
+        return (_parsed(item, method) for item in request)
+    return request
+
+
+def _mapped_unary(
+    inner: Callable[[Any, grpc.ServicerContext], Any], method: str
+) -> Callable[[Any, grpc.ServicerContext], Any]:
     def handle(request: Any, context: grpc.ServicerContext) -> Any:
         try:
-            return inner(request, context)
+            return inner(_parsed(request, method), context)
         except Exception as exc:
             if _is_abort(exc):
                 raise
@@ -91,11 +126,11 @@ def _mapped_unary(inner: Callable[[Any, grpc.ServicerContext], Any]) -> Callable
 
 
 def _mapped_stream(
-    inner: Callable[[Any, grpc.ServicerContext], Iterator[Any]],
+    inner: Callable[[Any, grpc.ServicerContext], Iterator[Any]], method: str
 ) -> Callable[[Any, grpc.ServicerContext], Iterator[Any]]:
     def handle(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         try:
-            yield from inner(request, context)
+            yield from inner(_parsed(request, method), context)
         except Exception as exc:
             if _is_abort(exc):
                 raise

@@ -4,6 +4,7 @@ corrupts the live bundle version."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cbmir.index_build import build_bundle, load_bundle, open_archive
+from cbmir.index_build import add_to_bundle, build_bundle, load_bundle, open_archive
 from cbmir.index_build.bundle import resolve_version_dir
 from tests.helpers import subset_csv
 
@@ -89,3 +90,35 @@ def test_sigkill_at_random_points_never_corrupts_the_bundle(unifesp_subset, tmp_
     assert set(final.ids) >= {e.id for e in open_archive(root, second).entries}
     assert not list(path.glob(".tmp-*")), "a finished update prunes the temporary directories of killed ones"
     assert KILLS - completed >= 3, "too few processes were killed mid-way to exercise the crash paths"
+
+
+def test_crash_leftovers_are_cleaned_and_the_previous_version_kept(unifesp_subset, tmp_path: Path) -> None:
+    root, labels = unifesp_subset
+    first = subset_csv(labels, tmp_path / "first.csv", slice(0, 30))
+    second = subset_csv(labels, tmp_path / "second.csv", slice(30, 40))
+    path = tmp_path / "b"
+    build_bundle(open_archive(root, first), path, {"hog": {}}, device="cpu", progress=False)
+    live = (path / "CURRENT").read_text().strip()
+    # what a writer killed between publishing its folder and switching CURRENT leaves behind
+    orphan = path / "v99991231T235959999999Z-dead00"
+    shutil.copytree(path / live, orphan)
+    (path / ".CURRENT.deadbeef").write_text(orphan.name)
+    (path / ".tmp-0123456789ab").mkdir()
+    add_to_bundle(path, open_archive(root, second), progress=False)
+    new = (path / "CURRENT").read_text().strip()
+    versions = sorted(p.name for p in path.iterdir() if p.name.startswith("v"))
+    assert versions == sorted([live, new]), versions  # the orphan went, the replaced live version stayed
+    assert not list(path.glob(".CURRENT.*")) and not list(path.glob(".tmp-*"))
+    assert len(load_bundle(path)) == 40
+
+
+def test_a_first_build_killed_before_current_leaves_out_usable(unifesp_subset, tmp_path: Path) -> None:
+    root, labels = unifesp_subset
+    first = subset_csv(labels, tmp_path / "first.csv", slice(0, 20))
+    path = tmp_path / "b"
+    build_bundle(open_archive(root, first), path, {"hog": {}}, device="cpu", progress=False)
+    (path / "CURRENT").unlink()  # as if the first build died right before publishing
+    (path / ".CURRENT.cafe").write_text("x")
+    build_bundle(open_archive(root, first), path, {"hog": {}}, device="cpu", progress=False)
+    assert len(load_bundle(path)) == 20
+    assert len([p for p in path.iterdir() if p.name.startswith("v")]) == 1

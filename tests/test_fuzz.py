@@ -155,3 +155,55 @@ def test_malformed_requests_get_proper_statuses(fuzz_target, request: pb.SearchR
     assert _search(stub, request) in PROPER
     batch = pb.SearchBatchRequest(queries=[request, request])
     assert _status(lambda: list(stub.SearchBatch(batch, timeout=20))) in PROPER
+
+
+RAW_METHODS = [
+    ("/cbmir.v1.Retrieval/Search", "unary_stream"),
+    ("/cbmir.v1.Retrieval/SearchBatch", "unary_stream"),
+    ("/cbmir.v1.Retrieval/GetIndexInfo", "unary_unary"),
+    ("/cbmir.v1.Retrieval/Reload", "unary_unary"),
+]
+
+
+@settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(payload=st.binary(min_size=1, max_size=512), which=st.integers(0, len(RAW_METHODS) - 1))
+def test_raw_bytes_that_are_no_message_are_invalid_argument(fuzz_target, payload: bytes, which: int) -> None:
+    running, _, _ = fuzz_target
+    try:
+        pb.SearchRequest.FromString(payload)
+        pb.SearchBatchRequest.FromString(payload)
+        return  # parses as a message: the other fuzz tests cover what it says
+    except Exception:
+        pass
+    method, shape = RAW_METHODS[which]
+    with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        call = getattr(channel, shape)(method)  # no serializer: the payload goes out as it is
+        with pytest.raises(grpc.RpcError) as err:
+            result = call(payload, timeout=30)
+            list(result) if shape == "unary_stream" else result
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert "not a valid protobuf message" in err.value.details()
+
+
+LONG = "x" * 20_000 + "' or 1==1 --"
+
+
+@pytest.mark.parametrize(
+    "request_fields",
+    [
+        {"archive_id": LONG},
+        {"archive_id": "a", "method": LONG},
+        {"archive_id": "a", "rerank": LONG},
+        {"archive_id": "a", "filters": [pb.MetadataFilter(field=LONG, values=["v"])]},
+        {"archive_id": "a", "filters": [pb.MetadataFilter(field="label", values=[LONG])]},
+        {"archive_id": "a", "exclude_ids": [LONG]},
+        {"pixels": pb.PixelArray(width=2, height=2, dtype=LONG, data=b"\0" * 4)},
+        {"archive_id": "y" * 1000},  # within the input limit: echoed, but cut to 100 characters
+    ],
+)
+def test_oversized_strings_are_refused_and_never_echoed_whole(fuzz_target, request_fields: dict) -> None:
+    _, stub, _ = fuzz_target
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Search(pb.SearchRequest(k=3, **request_fields), timeout=30))
+    assert err.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
+    assert len(err.value.details()) < 400, err.value.details()[:500]

@@ -113,8 +113,9 @@ def test_a_filter_matching_nothing_over_grpc_on_an_approximate_index(unifesp_sub
     from tests.helpers import real_png
 
     root, labels = unifesp_subset
-    build_bundle(open_archive(root, labels), tmp_path / "b", {"hog": {}}, device="cpu", progress=False,
-                 index_type="hnsw")
+    build_bundle(
+        open_archive(root, labels), tmp_path / "b", {"hog": {}}, device="cpu", progress=False, index_type="hnsw"
+    )
     running = start_server(ServerConfig(index=str(tmp_path / "b"), port=0, device="cpu"), wait_ready=True)
     try:
         with RetrievalClient(f"127.0.0.1:{running.port}") as client:
@@ -123,8 +124,10 @@ def test_a_filter_matching_nothing_over_grpc_on_an_approximate_index(unifesp_sub
             assert client.search_image(real_png(0), k=5, method="hog", filters=filters) == []
             assert client.search_id(first, k=5, method="hog", filters=filters) == []
             assert client.search_id(first, k=5, method="hog", rerank="hog", k_prep=20, filters=filters) == []
-            batch = [build_request(archive_id=first, k=3, method="hog", filters=filters),
-                     build_request(image=real_png(1), k=3, method="hog", filters=filters)]
+            batch = [
+                build_request(archive_id=first, k=3, method="hog", filters=filters),
+                build_request(image=real_png(1), k=3, method="hog", filters=filters),
+            ]
             assert client.search_batch(batch) == [[], []]
     finally:
         running.stop(0)

@@ -170,3 +170,20 @@ def test_bad_security_configuration_is_refused(small_bundle: Path, tmp_path: Pat
         read_tokens(role)
     with pytest.raises(InvalidInputError, match="both"):
         start_server(ServerConfig(index=str(small_bundle), port=0, tls_cert=pki["server.pem"]))
+
+
+def test_tokens_file_keeps_a_hash_inside_a_token_and_names_bad_lines(tmp_path: Path) -> None:
+    good = tmp_path / "tokens"
+    good.write_text("# comment line\n  # indented comment\nadmin abc#defghijklmnopqrstu\n\nsearch 0123456789abcdef\n")
+    assert read_tokens(good) == [(b"abc#defghijklmnopqrstu", "admin"), (b"0123456789abcdef", "search")]
+    secret = "s3cret-token-value-xyz"
+    for line, problem in (
+        (f"admin {secret} extra", "expected 'ROLE TOKEN'"),
+        (f"root {secret}", "ROLE one of"),
+        ("search short", "at least 16 characters"),
+    ):
+        bad = tmp_path / "bad"
+        bad.write_text(f"# ok\n{line}\n")
+        with pytest.raises(InvalidInputError, match=problem) as err:
+            read_tokens(bad)
+        assert f"{bad}:2:" in str(err.value) and secret not in str(err.value) and "short" not in str(err.value)
