@@ -13,6 +13,7 @@ import hashlib
 import io
 import logging
 import warnings
+import zlib
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
@@ -103,12 +104,45 @@ def _check_size(width: int, height: int, max_pixels: int, source: str) -> None:
         )
 
 
-def decode_image(
-    data: bytes, *, source: str = "image", max_pixels: int = DEFAULT_MAX_PIXELS, windows: DicomWindows = NO_WINDOWS
-) -> np.ndarray:
-    """Decode PNG, JPEG or DICOM bytes (detected from content) to a 2-D float32 image in [0, 1].
+QUERY_FORMATS = ("PNG", "JPEG")
+"""Pillow formats a query may use (besides DICOM): the ones the API promises."""
+ARCHIVE_FORMATS = ("PNG", "JPEG", "TIFF", "BMP")
+"""Pillow formats an archive may hold (besides DICOM): an archive is the operator's own data."""
 
-    ``windows`` are the default VOI windows for DICOM files without their own (see :func:`decode_dicom`).
+_MAGIC = (
+    (b"GIF8", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\0", "TIFF"),
+    (b"MM\0*", "TIFF"),
+    (b"\0\0\0\x0cjP  ", "JPEG 2000"),
+    (b"\xffO\xffQ", "JPEG 2000"),
+    (b"DDS ", "DDS"),
+    (b"\x0a", "PCX"),
+    (b"8BPS", "PSD"),
+    (b"\x89PNG", "PNG"),
+    (b"\xff\xd8", "JPEG"),
+)
+
+
+def sniff_format(data: bytes) -> str:
+    """A best guess of an image's format from its first bytes, for messages (``unknown`` when none fits)."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return next((name for magic, name in _MAGIC if data.startswith(magic)), "unknown")
+
+
+def decode_image(
+    data: bytes,
+    *,
+    source: str = "image",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    windows: DicomWindows = NO_WINDOWS,
+    formats: Sequence[str] = QUERY_FORMATS,
+) -> np.ndarray:
+    """Decode DICOM bytes or an image of one of ``formats`` (detected from content) to 2-D float32 in [0, 1].
+
+    ``windows`` are the default VOI windows for DICOM files without their own (see :func:`decode_dicom`). Only the
+    Pillow plugins of ``formats`` ever see the bytes; other formats are refused by name.
 
     Raises:
         InvalidInputError: the bytes are empty, not a supported image, corrupt, or too large.
@@ -119,7 +153,7 @@ def decode_image(
         image, _ = decode_dicom(data, source=source, max_pixels=max_pixels, windows=windows)
         return image
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(io.BytesIO(data), formats=list(formats)) as img:
             _check_size(img.width, img.height, max_pixels, source)
             img.load()
             if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
@@ -130,9 +164,18 @@ def decode_image(
                 pixels = np.asarray(img.convert("L"))
     except InvalidInputError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except UnidentifiedImageError as exc:
+        kind = sniff_format(data)
+        if kind == "unknown":
+            what = "cannot decode image: not a known image format"
+        elif kind in formats:
+            what = f"cannot decode image: a corrupt {kind}"
+        else:
+            what = f"cannot decode image: {kind} is not accepted here"
+        raise InvalidInputError(f"{source}: {what}; send {', '.join(formats)} or DICOM (Part 10) bytes") from exc
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise InvalidInputError(
-            f"{source}: cannot decode image ({exc}); send PNG, JPEG or DICOM (Part 10) bytes"
+            f"{source}: cannot decode image ({exc}); send {', '.join(formats)} or DICOM (Part 10) bytes"
         ) from exc
     return to_unit_gray(pixels)
 
@@ -152,22 +195,20 @@ def decode_dicom(
     are indexed by their middle frame: one record per file keeps ids, hashes and metadata one-to-one with files, and
     the middle frame of a cine or multi-phase series is the most representative single view.
     """
-    pydicom = _pydicom()
+    _pydicom()  # configured once (lenient reading, quiet logs)
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     try:
-        stream: Any = data
-        if isinstance(data, bytes):
-            stream = io.BytesIO(data)
-            stream.name = source  # pydicom's messages name the file, not "<_io.BytesIO object at 0x...>"
-        ds = pydicom.dcmread(stream)
-        rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
-        _check_size(cols, rows, max_pixels, source)
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        if isinstance(data, str):
+            with open(data, "rb") as fh:
+                data = fh.read()
+        ds = _read_dicom_bounded(data, source, max_pixels)
+        frames = _check_pixel_header(ds, source, max_pixels)
         index = frames // 2 if frames > 1 else None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            pixels = ds.pixel_array if index is None else ds.pixel_array[index]
+            ds.pixel_array_options(index=index)  # decode only the middle frame
+            pixels = ds.pixel_array
         photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
         if photometric == "PALETTE COLOR":
             from pydicom.pixels import apply_color_lut
@@ -193,6 +234,100 @@ def decode_dicom(
     except Exception as exc:  # pydicom raises many unrelated types for corrupt files
         raise InvalidInputError(f"{source}: cannot decode DICOM ({type(exc).__name__}: {exc})") from exc
     return image.astype(np.float32), dicom_metadata(ds)
+
+
+def max_decoded_bytes(max_pixels: int) -> int:
+    """Most bytes one query's decoded DICOM pixel data may take: four bytes per allowed pixel (256 MiB by
+    default), so a multi-frame file may hold many frames of a normal size but no decompression bomb."""
+    return 4 * max_pixels
+
+
+DEFLATED_TRANSFER_SYNTAX = "1.2.840.10008.1.2.1.99"
+
+
+def _declared_pixel_bytes(ds: Any) -> int:
+    """Bytes of native pixel data the header declares: frames x rows x columns x samples x bytes per sample."""
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    samples, bits = int(ds.get("SamplesPerPixel", 1) or 1), int(ds.get("BitsAllocated", 16) or 16)
+    return frames * rows * cols * samples * ((bits + 7) // 8)
+
+
+def _check_pixel_header(ds: Any, source: str, max_pixels: int) -> int:
+    """Refuse a frame over ``max_pixels`` or pixel data over :func:`max_decoded_bytes`, from the header alone.
+
+    Returns:
+        The number of frames.
+    """
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    _check_size(cols, rows, max_pixels, source)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    samples, bits = int(ds.get("SamplesPerPixel", 1) or 1), int(ds.get("BitsAllocated", 16) or 16)
+    decoded = _declared_pixel_bytes(ds)
+    if decoded > max_decoded_bytes(max_pixels):
+        raise InvalidInputError(
+            f"{source}: {frames} frame(s) of {cols}x{rows}x{samples} at {bits} bits decode to {decoded} bytes, "
+            f"over the limit of {max_decoded_bytes(max_pixels)} bytes; send fewer frames"
+        )
+    return frames
+
+
+PIXEL_DATA_TAG = 0x7FE00010
+INFLATE_CHUNK = 1 << 16
+
+
+def _read_dicom_bounded(data: bytes, source: str, max_pixels: int) -> Any:
+    """Parse DICOM bytes; a Deflated-transfer-syntax data set is inflated only as far as its header allows.
+
+    pydicom would inflate a deflated data set whole before any header could be checked: a 1 MB file can hold
+    gigabytes of zeros. Here the file meta group is read on its own, the first 64 KiB inflated and the pixel
+    header checked (:func:`_check_pixel_header`), then the rest inflated with a hard bound and parsed.
+    """
+    max_bytes = max_decoded_bytes(max_pixels)
+    pydicom = _pydicom()
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filereader import read_dataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    stream = io.BytesIO(data)
+    stream.name = source  # pydicom's messages name the file, not "<_io.BytesIO object at 0x...>"
+    stream.seek(132)
+    meta = read_dataset(stream, is_implicit_VR=False, is_little_endian=True, stop_when=lambda tag, *_: tag.group != 2)
+    if str(meta.get("TransferSyntaxUID", "")) != DEFLATED_TRANSFER_SYNTAX:
+        stream.seek(0)
+        return pydicom.dcmread(stream)
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    chunks = [inflater.decompress(data[stream.tell() :], INFLATE_CHUNK)]
+    try:
+        header = read_dataset(
+            io.BytesIO(chunks[0]),
+            is_implicit_VR=False,
+            is_little_endian=True,
+            stop_when=lambda tag, *_: tag == PIXEL_DATA_TAG,
+        )
+    except Exception:  # a header longer than the first chunk: the hard bound below still holds
+        header = None
+    limit = max_bytes
+    if header is not None:
+        _check_pixel_header(header, source, max_pixels)
+        # the data set may hold the header, the pixels it declares and some trailing elements, no more
+        limit = min(max_bytes, INFLATE_CHUNK + _declared_pixel_bytes(header) + (1 << 20))
+    size = len(chunks[0])
+    while inflater.unconsumed_tail and size <= limit:
+        chunks.append(inflater.decompress(inflater.unconsumed_tail, INFLATE_CHUNK * 16))
+        size += len(chunks[-1])
+    if size > limit or inflater.unconsumed_tail:
+        raise InvalidInputError(
+            f"{source}: the deflated DICOM data set inflates to more than the limit of {limit} bytes that its header "
+            "allows; send it uncompressed or with an image codec"
+        )
+    inflated = b"".join(chunks)
+    del chunks
+    ds = read_dataset(io.BytesIO(inflated), is_implicit_VR=False, is_little_endian=True)
+    file_meta = FileMetaDataset(meta)
+    file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta = file_meta
+    return ds
 
 
 @functools.cache

@@ -19,7 +19,15 @@ from pathlib import Path
 import numpy as np
 
 from cbmir.errors import InvalidInputError, NotFoundError
-from cbmir.extractors.imaging import NO_WINDOWS, DicomWindows, decode_dicom, decode_image, is_dicom, to_unit_gray
+from cbmir.extractors.imaging import (
+    ARCHIVE_FORMATS,
+    NO_WINDOWS,
+    DicomWindows,
+    decode_dicom,
+    decode_image,
+    is_dicom,
+    to_unit_gray,
+)
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".bmp"})
 
@@ -63,7 +71,7 @@ class Archive:
     def _decode(self, data: bytes, uri: str) -> tuple[np.ndarray, dict[str, str]]:
         if is_dicom(data):
             return decode_dicom(data, source=uri, windows=self.windows)
-        return decode_image(data, source=uri), {}
+        return decode_image(data, source=uri, formats=ARCHIVE_FORMATS), {}
 
     def __len__(self) -> int:
         return len(self.entries)
