@@ -4,7 +4,7 @@ SHARED ?= ../shared/data
 BUNDLES ?= bundles
 RESULTS ?= docs/results
 
-.PHONY: setup demo test lint proto eval eval-mednist eval-unifesp eval-cv eval-cv-unifesp eval-cv-mednist bench bench-bundle \
+.PHONY: setup demo test test-slow lint proto eval eval-mednist eval-unifesp eval-cv eval-cv-unifesp eval-cv-mednist bench bench-bundle \
 	soak report clean
 
 setup:
@@ -16,7 +16,11 @@ demo:
 # Lint, format check and type check first (seconds), then the suite in a random order (pytest-randomly prints the
 # seed; `-p randomly -p "randomly_seed=N"` replays one).
 test: lint
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -m "not slow"
+
+# The long runs at the goal's scale: every manifest field mutated, 10,000 malformed requests, 50 crash kills.
+test-slow:
+	$(PYTHON) -m pytest -q -m slow
 
 lint:
 	$(PYTHON) -m ruff check .

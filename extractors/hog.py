@@ -92,6 +92,15 @@ class HOGExtractor(Extractor):
         device: str = "auto",
         batch: int = 64,
     ) -> None:
+        for name, value, low in (
+            ("image_size", image_size, 8),
+            ("cell", cell, 2),
+            ("block", block, 1),
+            ("bins", bins, 1),
+            ("batch", batch, 1),
+        ):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise InvalidInputError(f"hog {name} must be a whole number of at least {low}, got {value!r}")
         if image_size // cell < block:
             raise InvalidInputError(f"image_size {image_size} holds fewer than {block} cells of {cell} pixels")
         self.image_size, self.cell, self.block, self.bins = int(image_size), int(cell), int(block), int(bins)

@@ -40,6 +40,8 @@ PATIENT_ID_SALT = b"cbmir-patient-v1"
 def dicom_windows(windows: Mapping[str, Sequence[float]] | None) -> DicomWindows:
     """A validated, read-only :data:`DicomWindows` (modalities upper-cased) from ``{"CT": (40, 400)}``-like input."""
     out: dict[str, tuple[float, float]] = {}
+    if windows is not None and not isinstance(windows, Mapping):
+        raise InvalidInputError(f"windows must map a modality to (centre, width), got {type(windows).__name__}")
     for modality, values in (windows or {}).items():
         try:
             centre, width = (float(v) for v in values)

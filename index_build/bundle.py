@@ -35,16 +35,16 @@ import numpy as np
 
 from cbmir import __version__
 from cbmir.checksums import sha256_file
-from cbmir.errors import BundleError, CbmirError, NotFoundError
-from cbmir.extractors import Extractor, extractor_class
+from cbmir.errors import BundleError, CbmirError, InvalidInputError, NotFoundError
+from cbmir.extractors import Extractor, extractor_class, list_extractors
 from cbmir.extractors.imaging import DicomWindows, dicom_windows
 
 from .index_types import FAISS_METRICS, apply_search_params
+from .manifest import MANIFEST, MANIFEST_CHECKSUM, manifest_digest, validate_manifest, verify_manifest_bytes
 
 FORMAT = "cbmir-bundle"
 FORMAT_VERSION = 1
 CURRENT = "CURRENT"
-MANIFEST = "manifest.json"
 RECORDS = "records.json"
 
 
@@ -139,7 +139,9 @@ class BundleWriter:
             **manifest,
             "files": files,
         }
-        _write_bytes_durably(self.tmp / MANIFEST, json.dumps(manifest, indent=2).encode())
+        manifest_bytes = json.dumps(manifest, indent=2).encode()
+        _write_bytes_durably(self.tmp / MANIFEST, manifest_bytes)
+        _write_bytes_durably(self.tmp / MANIFEST_CHECKSUM, (manifest_digest(manifest_bytes) + "\n").encode())
         _fsync_dir(self.tmp)
         final = self.root / version
         previous = _live_version(self.root)
@@ -219,19 +221,29 @@ def resolve_version_dir(path: str | os.PathLike[str]) -> Path:
 
 
 def read_manifest(version_dir: Path) -> dict[str, Any]:
+    """The version's manifest, checked against ``manifest.sha256`` and validated field by field.
+
+    Raises:
+        BundleError: naming ``manifest.json`` and the field, or the checksum.
+    """
     path = version_dir / MANIFEST
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{path}: unreadable manifest ({exc})") from exc
-    if manifest.get("format") != FORMAT:
-        raise BundleError(f"{path}: not a cbmir bundle manifest")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise BundleError(f"{path}: unreadable manifest ({exc.strerror})") from exc
+    verify_manifest_bytes(version_dir, data)
+    try:
+        manifest = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise BundleError(f"{path}: not a cbmir bundle manifest (field format)")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise BundleError(
-            f"{path}: bundle format version {manifest.get('format_version')} is not supported "
+            f"{path}: bundle format version {manifest.get('format_version')!r} is not supported "
             f"(this cbmir reads version {FORMAT_VERSION}); rebuild the bundle"
         )
-    return manifest
+    return validate_manifest(manifest, path, known_extractors=list_extractors)
 
 
 def verify_files(version_dir: Path, manifest: dict[str, Any]) -> None:
@@ -261,10 +273,30 @@ class MethodIndex:
     descriptors: np.ndarray
     state: dict[str, np.ndarray]
     info: dict[str, Any] = field(default_factory=dict)
+    manifest_path: str = MANIFEST
 
     def restore_extractor(self, device: str = "auto") -> Extractor:
-        """The fitted extractor that produced these descriptors (weights, vocabulary, PCA from the bundle)."""
-        return extractor_class(self.extractor).restore(self.config, self.state, device=device)
+        """The fitted extractor that produced these descriptors (weights, vocabulary, PCA from the bundle).
+
+        Raises:
+            BundleError: the manifest's configuration or the stored state cannot rebuild it, or it describes
+                images with another width than the stored descriptors.
+            InvalidInputError: the device is unavailable.
+        """
+        where = f"{self.manifest_path}: field methods.{self.name}"
+        try:
+            extractor = extractor_class(self.extractor).restore(self.config, self.state, device=device)
+        except (InvalidInputError, BundleError) as exc:
+            if "device" in str(exc) and "CUDA" in str(exc):
+                raise
+            raise BundleError(f"{where}.config: cannot restore the {self.extractor} extractor ({exc})") from exc
+        except Exception as exc:
+            raise BundleError(
+                f"{where}.config: cannot restore the {self.extractor} extractor ({type(exc).__name__}: {exc})"
+            ) from exc
+        if extractor.dim != self.dim:
+            raise BundleError(f"{where}.dim: {self.dim}, but the {self.extractor} extractor describes {extractor.dim}")
+        return extractor
 
 
 def flat_index(descriptors: np.ndarray, metric: str) -> tuple[faiss.Index, np.ndarray]:
@@ -374,5 +406,6 @@ def load_bundle(path: str | os.PathLike[str], *, verify: bool = True) -> Bundle:
             descriptors=descriptors,
             state=state,
             info=info,
+            manifest_path=str(version_dir / MANIFEST),
         )
     return Bundle(version_dir, manifest, ids, uris, metadata, methods, content_hashes=hashes)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
-from cbmir.errors import InvalidInputError, shown
+from cbmir.errors import BundleError, InvalidInputError, shown
 from cbmir.extractors import Extractor
 from cbmir.extractors.imaging import DEFAULT_MAX_PIXELS, decode_image
 from cbmir.index_build.bundle import Bundle, MethodIndex
@@ -80,8 +80,20 @@ class SearchEngine:
             return self._extractors[name]
 
     def warmup(self) -> None:
+        """Restore every extractor and run it once; a configuration that cannot describe an image is refused.
+
+        Raises:
+            BundleError: naming the manifest field of the method that failed.
+        """
         for name in self.methods:
-            self.extractor(name).warmup()
+            extractor = self.extractor(name)
+            try:
+                extractor.warmup()
+            except Exception as exc:  # restored from the manifest, so the manifest is at fault
+                raise BundleError(
+                    f"{self.method(name).manifest_path}: field methods.{name}.config: the {extractor.name} extractor "
+                    f"cannot describe an image ({type(exc).__name__}: {exc})"
+                ) from exc
 
     def decode(self, data: bytes, *, source: str = "query image", max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
         """A query image's bytes decoded as this bundle's archive was (its DICOM windows), 2-D float32 in [0, 1]."""

@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from cbmir.errors import InvalidInputError, NotFoundError, NotReadyError
+from cbmir.errors import BundleError, CbmirError, InvalidInputError, NotFoundError, NotReadyError
 from cbmir.index_build.bundle import load_bundle, resolve_version_dir
 from cbmir.timing import add_stages
 from cbmir.v1 import retrieval_pb2 as pb
@@ -66,8 +66,15 @@ class RetrievalService(pb_grpc.RetrievalServicer):
             old = self.engine
             if old is not None and resolve_version_dir(self.config.index) == old.bundle.path:
                 return False
-            engine = SearchEngine(load_bundle(self.config.index), device=self.config.device)
-            engine.warmup()
+            try:
+                engine = SearchEngine(load_bundle(self.config.index), device=self.config.device)
+                engine.warmup()
+            except CbmirError:
+                raise
+            except Exception as exc:
+                raise BundleError(
+                    f"{self.config.index}: cannot load the live version ({type(exc).__name__}: {exc})"
+                ) from exc
             batchers: dict[str, MicroBatcher] = {}
             if self.config.micro_batch > 0:
                 batchers = {
