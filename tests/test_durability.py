@@ -12,68 +12,86 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
+from cbmir.cli import main
 from cbmir.index_build import add_to_bundle, build_bundle, load_bundle, open_archive
 from cbmir.index_build.bundle import resolve_version_dir
 from tests.helpers import subset_csv
 
 KILLS = 8
+SLOW_KILLS = 50
 
 
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "cbmir.cli", *args]
 
 
-def test_sigkill_at_random_points_never_corrupts_the_bundle(unifesp_subset, tmp_path: Path) -> None:
+def _wait_for_write_phase(path: Path, proc: subprocess.Popen[bytes], timeout: float = 120.0) -> bool:
+    """Block until the writer has created its temporary version folder (the write/commit phase began)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if any(path.glob(".tmp-*")):
+            return True
+        time.sleep(0.002)
+    return False
+
+
+def _kill_at_random_moments(unifesp_subset, tmp_path: Path, kills: int, write_phase_share: float) -> None:
+    """Run real build/add/remove processes and SIGKILL them: after each kill the live version loads and verifies,
+    holds exactly the count before or after the operation, and rows that survived are unchanged."""
     root, labels = unifesp_subset
     first = subset_csv(labels, tmp_path / "first.csv", slice(0, 60))
     second = subset_csv(labels, tmp_path / "second.csv", slice(60, 90))
+    second_ids = {e.id for e in open_archive(root, second).entries}
     path = tmp_path / "b"
     build_bundle(open_archive(root, first), path, {"hog": {}, "cnn": {"image_size": 32}}, device="cpu", progress=False)
     rng = np.random.default_rng(int(os.environ.get("CBMIR_KILL_SEED", "7")))
-    operations = [
-        _cli(
-            "add",
-            "--index",
-            str(path),
-            "--images",
-            str(root),
-            "--labels",
-            str(second),
-            "--device",
-            "cpu",
-            "--no-progress",
-        ),
-        _cli("remove", "--index", str(path), "--ids", "images/00000.png", "--missing-ok"),
-        _cli(
-            "build",
-            "--images",
-            str(root),
-            "--labels",
-            str(first),
-            "--extractors",
-            "hog,cnn",
-            "--image-size",
-            "32",
-            "--device",
-            "cpu",
-            "--out",
-            str(path),
-            "--no-progress",
-        ),
-    ]
-    completed = 0
-    for attempt in range(KILLS):
+    add = _cli(
+        "add", "--index", str(path), "--images", str(root), "--labels", str(second), "--device", "cpu", "--no-progress"
+    )
+    remove = _cli("remove", "--index", str(path), "--ids", "images/00000.png", "--missing-ok")
+    build = _cli(
+        "build",
+        "--images",
+        str(root),
+        "--labels",
+        str(first),
+        "--extractors",
+        "hog,cnn",
+        "--image-size",
+        "32",
+        "--device",
+        "cpu",
+        "--out",
+        str(path),
+        "--no-progress",
+    )
+
+    def expected_after(cmd: list[str], before_ids: set[str]) -> int:
+        if cmd is add:
+            return len(before_ids | second_ids)
+        if cmd is remove:
+            return len(before_ids - {"images/00000.png"})
+        return 60
+
+    completed = in_write_phase = 0
+    for attempt in range(kills):
         before = load_bundle(path)
-        cmd = operations[attempt % len(operations)]
+        cmd = (add, remove, build)[attempt % 3]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(float(rng.uniform(0.5, 6.0)))
+        if rng.random() < write_phase_share and _wait_for_write_phase(path, proc):
+            time.sleep(float(rng.uniform(0.0, 0.05)))
+            in_write_phase += 1
+        else:
+            time.sleep(float(rng.uniform(0.5, 6.0)))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
         else:
             completed += 1
         proc.wait()
         after = load_bundle(path)  # verifies every checksum; raises naming the file otherwise
+        assert len(after) in (len(before), expected_after(cmd, set(before.ids))), (attempt, len(before), len(after))
         if after.version != before.version:
             assert after.path.name == after.version and resolve_version_dir(path) == after.path
         for name, method in after.methods.items():
@@ -85,11 +103,22 @@ def test_sigkill_at_random_points_never_corrupts_the_bundle(unifesp_subset, tmp_
                 after.methods["hog"].descriptors[after.row_of[rid]],
                 before.methods["hog"].descriptors[before.row_of[rid]],
             )
-    subprocess.run(operations[0], check=True, capture_output=True)
+        assert main(["info", "--index", str(path)]) == 0
+    subprocess.run(add, check=True, capture_output=True)
     final = load_bundle(path)
-    assert set(final.ids) >= {e.id for e in open_archive(root, second).entries}
+    assert set(final.ids) >= second_ids
     assert not list(path.glob(".tmp-*")), "a finished update prunes the temporary directories of killed ones"
-    assert KILLS - completed >= 3, "too few processes were killed mid-way to exercise the crash paths"
+    assert kills - completed >= 3, "too few processes were killed mid-way to exercise the crash paths"
+    assert in_write_phase >= write_phase_share * kills / 3, "too few kills landed in the write/commit phase"
+
+
+def test_sigkill_at_random_points_never_corrupts_the_bundle(unifesp_subset, tmp_path: Path) -> None:
+    _kill_at_random_moments(unifesp_subset, tmp_path, KILLS, write_phase_share=0.25)
+
+
+@pytest.mark.slow
+def test_fifty_sigkills_including_the_write_and_commit_phase(unifesp_subset, tmp_path: Path) -> None:
+    _kill_at_random_moments(unifesp_subset, tmp_path, SLOW_KILLS, write_phase_share=0.5)
 
 
 def test_crash_leftovers_are_cleaned_and_the_previous_version_kept(unifesp_subset, tmp_path: Path) -> None:
