@@ -25,6 +25,9 @@ PROPER = {
     grpc.StatusCode.NOT_FOUND,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
+SLOW_FUZZ = settings(max_examples=4000, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+"""The slow set's scale: 4,000 images + 4,000 requests (each also in a SearchBatch) + 2,000 raw payloads."""
+SLOW_FUZZ_RAW = settings(max_examples=2000, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 FUZZ = settings(
     max_examples=1500,
     deadline=None,
@@ -99,11 +102,14 @@ corrupt_images = st.one_of(
 )
 
 
-@FUZZ
-@given(image=corrupt_images, method=st.sampled_from(["hog", "cnn", "bovw", ""]))
-def test_corrupt_images_get_proper_statuses(fuzz_target, image: bytes, method: str) -> None:
+def _check_corrupt_image(fuzz_target, image: bytes, method: str) -> None:
     _, stub, _ = fuzz_target
     assert _search(stub, build_request(image=image, k=3, method=method)) in PROPER
+
+
+IMAGE_CASES = given(image=corrupt_images, method=st.sampled_from(["hog", "cnn", "bovw", ""]))
+test_corrupt_images_get_proper_statuses = FUZZ(IMAGE_CASES(_check_corrupt_image))
+test_corrupt_images_at_scale = pytest.mark.slow(SLOW_FUZZ(IMAGE_CASES(_check_corrupt_image)))
 
 
 finite_or_not = st.floats(allow_nan=True, allow_infinity=True, width=32)
@@ -135,17 +141,19 @@ requests = st.builds(
 )
 
 
-@FUZZ
-@given(
+REQUEST_CASES = given(
     request=requests,
     query=st.one_of(
         st.builds(lambda v: {"vector": pb.Vector(values=v)}, st.lists(finite_or_not, max_size=300)),
         st.builds(lambda p: {"pixels": p}, pixel_arrays),
         st.builds(lambda s: {"archive_id": s}, st.one_of(st.text(max_size=30), st.just("images/00000.png"))),
+        st.builds(lambda s: {"archive_id": s}, st.text(min_size=1000, max_size=30_000)),
         st.just({}),
     ),
 )
-def test_malformed_requests_get_proper_statuses(fuzz_target, request: pb.SearchRequest, query: dict) -> None:
+
+
+def _check_malformed_request(fuzz_target, request: pb.SearchRequest, query: dict) -> None:
     _, stub, _ = fuzz_target
     for field, value in query.items():
         if isinstance(value, str):
@@ -157,6 +165,10 @@ def test_malformed_requests_get_proper_statuses(fuzz_target, request: pb.SearchR
     assert _status(lambda: list(stub.SearchBatch(batch, timeout=20))) in PROPER
 
 
+test_malformed_requests_get_proper_statuses = FUZZ(REQUEST_CASES(_check_malformed_request))
+test_malformed_requests_at_scale = pytest.mark.slow(SLOW_FUZZ(REQUEST_CASES(_check_malformed_request)))
+
+
 RAW_METHODS = [
     ("/cbmir.v1.Retrieval/Search", "unary_stream"),
     ("/cbmir.v1.Retrieval/SearchBatch", "unary_stream"),
@@ -165,9 +177,10 @@ RAW_METHODS = [
 ]
 
 
-@settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
-@given(payload=st.binary(min_size=1, max_size=512), which=st.integers(0, len(RAW_METHODS) - 1))
-def test_raw_bytes_that_are_no_message_are_invalid_argument(fuzz_target, payload: bytes, which: int) -> None:
+RAW_CASES = given(payload=st.binary(min_size=1, max_size=512), which=st.integers(0, len(RAW_METHODS) - 1))
+
+
+def _check_raw_bytes(fuzz_target, payload: bytes, which: int) -> None:
     running, _, _ = fuzz_target
     try:
         pb.SearchRequest.FromString(payload)
@@ -183,6 +196,12 @@ def test_raw_bytes_that_are_no_message_are_invalid_argument(fuzz_target, payload
             list(result) if shape == "unary_stream" else result
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
     assert "not a valid protobuf message" in err.value.details()
+
+
+test_raw_bytes_that_are_no_message_are_invalid_argument = settings(
+    max_examples=200, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck)
+)(RAW_CASES(_check_raw_bytes))
+test_raw_bytes_at_scale = pytest.mark.slow(SLOW_FUZZ_RAW(RAW_CASES(_check_raw_bytes)))
 
 
 LONG = "x" * 20_000 + "' or 1==1 --"

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset, write_file_meta_info
+from pydicom.filewriter import dcmwrite, write_dataset, write_file_meta_info
 from pydicom.uid import generate_uid
 
 from cbmir.client import RetrievalClient
@@ -112,3 +112,52 @@ def test_formats_the_api_does_not_promise_are_refused_by_name(target, fmt: str) 
         good = io.BytesIO()
         Image.fromarray(np.zeros((32, 32), np.uint8)).save(good, format=png_or_jpeg)
         assert len(RetrievalClient(address).search_image(good.getvalue(), k=3)) == 3
+
+
+TRANSFER_SYNTAXES = [
+    "1.2.840.10008.1.2",  # implicit VR little endian
+    "1.2.840.10008.1.2.1",  # explicit VR little endian
+    "1.2.840.10008.1.2.2",  # explicit VR big endian
+    "1.2.840.10008.1.2.5",  # RLE lossless
+    "1.2.840.10008.1.2.4.50",  # JPEG baseline
+    "1.2.840.10008.1.2.4.70",  # JPEG lossless SV1
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+]
+
+
+def claims_many_frames(transfer_syntax: str, frames: int = 2000) -> bytes:
+    """A small DICOM file of the given transfer syntax whose header claims frames x 512 x 512 x 16-bit pixels."""
+    from pydicom.dataset import FileDataset
+    from pydicom.encaps import encapsulate
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = transfer_syntax
+    ds = FileDataset("bomb.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.Modality, ds.SamplesPerPixel, ds.PhotometricInterpretation = "OT", 1, "MONOCHROME2"
+    ds.Rows, ds.Columns, ds.NumberOfFrames = 512, 512, frames
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    native = transfer_syntax in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2")
+    ds.PixelData = bytes(512 * 512 * 2) if native else encapsulate([b"\xff\xd8\xff\xd9" * 64])
+    ds["PixelData"].VR = "OW" if native else "OB"
+    buf = DicomBytesIO()
+    big = transfer_syntax == "1.2.840.10008.1.2.2"
+    dcmwrite(
+        buf, ds, implicit_vr=transfer_syntax == "1.2.840.10008.1.2", little_endian=not big, enforce_file_format=True
+    )
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("transfer_syntax", [*TRANSFER_SYNTAXES, DEFLATED])
+def test_dicom_bombs_of_every_transfer_syntax_are_refused_from_the_header(target, transfer_syntax: str) -> None:
+    address, running = target
+    bomb = deflated_bomb(2000) if transfer_syntax == DEFLATED else claims_many_frames(transfer_syntax)
+    assert len(bomb) < 2_000_000
+    with RetrievalClient(address) as client, pytest.raises(grpc.RpcError) as err:
+        client.search_image(bomb, k=3)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "2000 frame(s) of 512x512x1 at 16 bits decode to 1048576000 bytes" in err.value.details()
+    assert "INTERNAL" not in running.service.stats.errors
