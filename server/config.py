@@ -60,6 +60,13 @@ class ServerConfig:
     tls_client_ca: str | None = field(
         default=None, metadata=option("PEM CA: require client certificates it signed (mutual TLS)")
     )
+    mmap_threshold_kb: int = field(
+        default=1024,
+        metadata=option(
+            "glibc: allocations above this many KiB (decoded images) are mmapped and returned to the OS when freed, "
+            "instead of fragmenting the heap (0: glibc's own adaptive threshold)"
+        ),
+    )
     tokens_file: str | None = field(
         default=None,
         metadata=option("file of 'ROLE TOKEN' lines (roles: search, admin); health checks stay open", flag="--tokens"),
