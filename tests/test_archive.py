@@ -2,6 +2,7 @@ import zipfile
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from cbmir.errors import InvalidInputError, NotFoundError
 from cbmir.index_build import build_bundle, open_archive
@@ -17,7 +18,8 @@ def test_folder_labels_from_csv_and_select(unifesp_subset):
     assert len(knees) == 30
     record = knees.load(0)
     assert record.image.dtype == np.float32 and record.image.ndim == 2
-    assert 0.0 <= record.image.min() and record.image.max() <= 1.0
+    with Image.open(root / record.id) as img:  # 8-bit PNG: exactly its grey levels / 255
+        np.testing.assert_allclose(record.image, np.asarray(img.convert("L"), np.float32) / 255, atol=1e-6)
     with pytest.raises(InvalidInputError, match="unknown metadata"):
         archive.select({"colour": "blue"})
 
