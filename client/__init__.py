@@ -228,6 +228,21 @@ class RetrievalClient:
         with _raising_retrieval_errors():
             return self.stub.GetIndexInfo(pb.GetIndexInfoRequest(), timeout=self.timeout, metadata=self.metadata)
 
+    def thumbnails(self, ids: Sequence[str], max_side: int = 128) -> list[pb.Thumbnail]:
+        """PNG previews of archived images by id, in order; an item whose image cannot be read carries ``error``."""
+        with _raising_retrieval_errors():
+            response = self.stub.GetThumbnails(
+                pb.ThumbnailsRequest(ids=list(ids), max_side=max_side), timeout=self.timeout, metadata=self.metadata
+            )
+        return list(response.thumbnails)
+
+    @property
+    def last_timings_ms(self) -> dict[str, float]:
+        """Per-stage milliseconds (decode, preprocess, extract, search, rerank) of the last ``search``."""
+        import json
+
+        return dict(json.loads(self.last_trailers.get("cbmir-timings-ms", "{}")))
+
     def reload(self) -> pb.ReloadResponse:
         """Ask the server to swap in the bundle's live version (admin token needed when tokens are set)."""
         with _raising_retrieval_errors():

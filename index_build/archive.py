@@ -15,6 +15,8 @@ import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import numpy as np
 
@@ -69,9 +71,7 @@ class Archive:
         return clone
 
     def _decode(self, data: bytes, uri: str) -> tuple[np.ndarray, dict[str, str]]:
-        if is_dicom(data):
-            return decode_dicom(data, source=uri, windows=self.windows)
-        return decode_image(data, source=uri, formats=ARCHIVE_FORMATS), {}
+        return decode_archived_bytes(data, uri, self.windows)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -101,6 +101,41 @@ class _Subset(Archive):
 
     def load(self, index: int) -> ImageRecord:
         return self._parent.load(self._indices[index])
+
+
+def decode_archived_bytes(
+    data: bytes, uri: str, windows: DicomWindows = NO_WINDOWS
+) -> tuple[np.ndarray, dict[str, str]]:
+    """An archived file's bytes decoded as an archive reads them: DICOM with ``windows``, or an archive format."""
+    if is_dicom(data):
+        return decode_dicom(data, source=uri, windows=windows)
+    return decode_image(data, source=uri, formats=ARCHIVE_FORMATS), {}
+
+
+def read_archived_image(uri: str, windows: DicomWindows = NO_WINDOWS) -> np.ndarray:
+    """The image behind a record's uri (``file://``, ``zip://PATH!MEMBER``, ``npz://PATH!SPLIT/ROW``), decoded
+    through the same readers that indexed it, as 2-D float32 in [0, 1].
+
+    Raises:
+        InvalidInputError: the file is gone, unreadable or not an image any more.
+    """
+    try:
+        if uri.startswith("file://"):
+            data = Path(url2pathname(urlparse(uri).path)).read_bytes()
+        elif uri.startswith("zip://"):
+            path, member = uri[len("zip://") :].split("!", 1)
+            with zipfile.ZipFile(path) as zf:
+                data = zf.read(member)
+        elif uri.startswith("npz://"):
+            path, key = uri[len("npz://") :].split("!", 1)
+            split, row = key.rsplit("/", 1)
+            with np.load(path) as npz:
+                return to_unit_gray(npz[f"{split}_images" if f"{split}_images" in npz.files else split][int(row)])
+        else:
+            raise InvalidInputError(f"{uri}: not an archive uri this server can read")
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+        raise InvalidInputError(f"{uri}: cannot read the archived image ({type(exc).__name__}: {exc})") from exc
+    return decode_archived_bytes(data, uri, windows)[0]
 
 
 def read_labels_csv(path: str | os.PathLike[str]) -> dict[str, dict[str, str]]:

@@ -30,6 +30,8 @@ class ServerConfig:
     max_k: int = field(default=100, metadata=option("most hits per query"))
     max_k_prep: int = field(default=1000, metadata=option("most candidates re-ranked per query"))
     max_batch: int = field(default=64, metadata=option("most queries in one SearchBatch"))
+    max_thumbnails: int = field(default=64, metadata=option("most ids in one GetThumbnails call"))
+    max_thumbnail_side: int = field(default=512, metadata=option("largest thumbnail side in pixels"))
     workers: int = field(default=8, metadata=option("request threads"))
     max_concurrent: int = field(
         default=0, metadata=option("searches in flight before RESOURCE_EXHAUSTED (0: one per worker)")

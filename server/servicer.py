@@ -24,6 +24,7 @@ from .batching import MicroBatcher
 from .config import ServerConfig
 from .planning import QueryPlan, default_method, plan_query
 from .search_engine import SearchEngine
+from .thumbnails import thumbnails
 
 log = logging.getLogger("cbmir.server")
 
@@ -111,16 +112,19 @@ class RetrievalService(pb_grpc.RetrievalServicer):
     # ----------------------------------------------------------------------------------------------- RPCs
     def Search(self, request: pb.SearchRequest, context: grpc.ServicerContext) -> Iterator[pb.SearchHit]:
         hits: list[pb.SearchHit] = []
-        with self._request("Search", context) as (engine, record):
+        scope = self._request("Search", context)
+        with scope as (engine, record):
             plan = plan_query(engine, request, self.config)
             record.update(query=plan.kind, method=plan.method, rerank=plan.rerank, k=plan.k)
             self._describe(engine, [plan], context)
             rows, dists = self._search(engine, [plan], context)
             hits = self._hits(engine, rows[0], dists[0])
             record["hits"] = len(hits)
+            trailers = [("cbmir-timings-ms", json.dumps({k: round(v, 3) for k, v in scope.stages.items()}))]
             if plan.min_class_confidence is not None:
                 record["predicted_class"] = plan.predicted_class
-                context.set_trailing_metadata((("cbmir-predicted-class", plan.predicted_class),))
+                trailers.append(("cbmir-predicted-class", plan.predicted_class))
+            context.set_trailing_metadata(tuple(trailers))
         yield from self._stream(hits, context, lambda _: 1)
 
     def SearchBatch(
@@ -149,6 +153,18 @@ class RetrievalService(pb_grpc.RetrievalServicer):
             ]
         yield from self._stream(results, context, lambda r: len(r.hits))
 
+    def GetThumbnails(self, request: pb.ThumbnailsRequest, context: grpc.ServicerContext) -> pb.ThumbnailsResponse:
+        with self._request("GetThumbnails", context) as (engine, record):
+            items = thumbnails(
+                engine,
+                list(request.ids),
+                request.max_side,
+                max_ids=self.config.max_thumbnails,
+                max_side_limit=self.config.max_thumbnail_side,
+            )
+            record.update(ids=len(items), errors=sum(1 for t in items if t.error))
+        return pb.ThumbnailsResponse(thumbnails=items)
+
     def GetIndexInfo(self, request: pb.GetIndexInfoRequest, context: grpc.ServicerContext) -> pb.IndexInfo:
         engine = self._engine()
         manifest = engine.bundle.manifest
@@ -173,6 +189,8 @@ class RetrievalService(pb_grpc.RetrievalServicer):
             cbmir_version=manifest.get("cbmir_version", ""),
             default_method=default_method(engine, self.config),
             max_batch=self.config.max_batch,
+            max_thumbnails=self.config.max_thumbnails,
+            max_thumbnail_side=self.config.max_thumbnail_side,
         )
 
     # ------------------------------------------------------------------------------------------ helpers

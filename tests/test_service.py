@@ -1,4 +1,5 @@
 import filecmp
+import io
 import os
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from cbmir.index_build import build_bundle, load_bundle, open_archive
 from cbmir.server.config import ServerConfig
 from cbmir.server.search_engine import SearchEngine
 from cbmir.server.startup import start_server
-from tests.helpers import REPO
+from tests.helpers import REPO, UNIFESP
 
 
 @register_extractor("sleepy_hog")
@@ -418,3 +419,24 @@ def test_expired_deadline_stops_server_work(sleepy_server, archive):
     while stats.cancelled < 1 and time.time() < deadline:
         time.sleep(0.05)
     assert stats.cancelled == 1 and stats.searches == 0
+
+
+def test_thumbnails_by_id_through_the_archive_readers(server, small_bundle):
+    client = RetrievalClient(f"127.0.0.1:{server.port}")
+    bundle = load_bundle(small_bundle)
+    ids = bundle.ids[:3]
+    items = client.thumbnails([*ids, "no/such/id"], max_side=64)
+    assert [t.id for t in items] == [*ids, "no/such/id"]
+    for item, archive_id in zip(items[:3], ids):
+        assert not item.error and max(item.width, item.height) == 64
+        png = np.asarray(Image.open(io.BytesIO(item.png)))
+        assert png.shape == (item.height, item.width) and png.dtype == np.uint8
+        source = decode_image((UNIFESP / archive_id).read_bytes(), formats=("PNG",))
+        assert abs(source.shape[1] / source.shape[0] - item.width / item.height) < 0.05
+    assert items[3].error == "not in this index" and not items[3].png
+    for bad, message in (([], "at least one id"), (["x"] * 65, "exceed the limit of 64"), (ids[:1], "max_side")):
+        with pytest.raises(grpc.RpcError) as err:
+            client.thumbnails(bad, max_side=4096 if message == "max_side" else 64)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in err.value.details()
+    client.search_image((UNIFESP / ids[0]).read_bytes(), k=3, method="hog")
+    assert {"decode", "extract", "search"} <= set(client.last_timings_ms)

@@ -346,6 +346,8 @@ class IndexInfo(_message.Message):
     CBMIR_VERSION_FIELD_NUMBER: _builtins.int
     DEFAULT_METHOD_FIELD_NUMBER: _builtins.int
     MAX_BATCH_FIELD_NUMBER: _builtins.int
+    MAX_THUMBNAILS_FIELD_NUMBER: _builtins.int
+    MAX_THUMBNAIL_SIDE_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     count: _builtins.int
     created: _builtins.str
@@ -355,6 +357,10 @@ class IndexInfo(_message.Message):
     cbmir_version: _builtins.str
     default_method: _builtins.str
     max_batch: _builtins.int
+    max_thumbnails: _builtins.int
+    """ids per GetThumbnails call"""
+    max_thumbnail_side: _builtins.int
+    """largest thumbnail side in pixels"""
     @_builtins.property
     def methods(self) -> _containers.RepeatedCompositeFieldContainer[Global___MethodInfo]: ...
     @_builtins.property
@@ -372,10 +378,12 @@ class IndexInfo(_message.Message):
         cbmir_version: _builtins.str = ...,
         default_method: _builtins.str = ...,
         max_batch: _builtins.int = ...,
+        max_thumbnails: _builtins.int = ...,
+        max_thumbnail_side: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["build_json", b"build_json", "cbmir_version", b"cbmir_version", "count", b"count", "created", b"created", "default_method", b"default_method", "filter_fields", b"filter_fields", "max_batch", b"max_batch", "max_k", b"max_k", "methods", b"methods", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["build_json", b"build_json", "cbmir_version", b"cbmir_version", "count", b"count", "created", b"created", "default_method", b"default_method", "filter_fields", b"filter_fields", "max_batch", b"max_batch", "max_k", b"max_k", "max_thumbnail_side", b"max_thumbnail_side", "max_thumbnails", b"max_thumbnails", "methods", b"methods", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -425,3 +433,82 @@ class ReloadResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReloadResponse: _TypeAlias = ReloadResponse  # noqa: Y015
+
+@_typing.final
+class ThumbnailsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IDS_FIELD_NUMBER: _builtins.int
+    MAX_SIDE_FIELD_NUMBER: _builtins.int
+    max_side: _builtins.int
+    """longest side of each thumbnail; 0 = 128"""
+    @_builtins.property
+    def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        ids: _abc.Iterable[_builtins.str] | None = ...,
+        max_side: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ids", b"ids", "max_side", b"max_side"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ThumbnailsRequest: _TypeAlias = ThumbnailsRequest  # noqa: Y015
+
+@_typing.final
+class Thumbnail(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    PNG_FIELD_NUMBER: _builtins.int
+    WIDTH_FIELD_NUMBER: _builtins.int
+    HEIGHT_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    png: _builtins.bytes
+    """8-bit grayscale PNG; empty when error is set"""
+    width: _builtins.int
+    height: _builtins.int
+    error: _builtins.str
+    """why this image could not be read (the others are still returned)"""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        png: _builtins.bytes = ...,
+        width: _builtins.int = ...,
+        height: _builtins.int = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "height", b"height", "id", b"id", "png", b"png", "width", b"width"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Thumbnail: _TypeAlias = Thumbnail  # noqa: Y015
+
+@_typing.final
+class ThumbnailsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    THUMBNAILS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def thumbnails(self) -> _containers.RepeatedCompositeFieldContainer[Global___Thumbnail]:
+        """in request order"""
+
+    def __init__(
+        self,
+        *,
+        thumbnails: _abc.Iterable[Global___Thumbnail] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["thumbnails", b"thumbnails"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ThumbnailsResponse: _TypeAlias = ThumbnailsResponse  # noqa: Y015

@@ -55,6 +55,11 @@ class RetrievalStub:
                 request_serializer=cbmir_dot_v1_dot_retrieval__pb2.ReloadRequest.SerializeToString,
                 response_deserializer=cbmir_dot_v1_dot_retrieval__pb2.ReloadResponse.FromString,
                 _registered_method=True)
+        self.GetThumbnails = channel.unary_unary(
+                '/cbmir.v1.Retrieval/GetThumbnails',
+                request_serializer=cbmir_dot_v1_dot_retrieval__pb2.ThumbnailsRequest.SerializeToString,
+                response_deserializer=cbmir_dot_v1_dot_retrieval__pb2.ThumbnailsResponse.FromString,
+                _registered_method=True)
 
 
 class RetrievalServicer:
@@ -92,6 +97,15 @@ class RetrievalServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetThumbnails(self, request, context):
+        """Small PNG previews of archived images, by archive id only (never by path): the server reads each through the
+        archive reader that indexed it (folder, zip, npz, DICOM with the bundle's windows). At most
+        max_thumbnails ids per call and max_side <= max_thumbnail_side (see IndexInfo).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RetrievalServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -114,6 +128,11 @@ def add_RetrievalServicer_to_server(servicer, server):
                     servicer.Reload,
                     request_deserializer=cbmir_dot_v1_dot_retrieval__pb2.ReloadRequest.FromString,
                     response_serializer=cbmir_dot_v1_dot_retrieval__pb2.ReloadResponse.SerializeToString,
+            ),
+            'GetThumbnails': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetThumbnails,
+                    request_deserializer=cbmir_dot_v1_dot_retrieval__pb2.ThumbnailsRequest.FromString,
+                    response_serializer=cbmir_dot_v1_dot_retrieval__pb2.ThumbnailsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -225,6 +244,33 @@ class Retrieval:
             '/cbmir.v1.Retrieval/Reload',
             cbmir_dot_v1_dot_retrieval__pb2.ReloadRequest.SerializeToString,
             cbmir_dot_v1_dot_retrieval__pb2.ReloadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetThumbnails(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cbmir.v1.Retrieval/GetThumbnails',
+            cbmir_dot_v1_dot_retrieval__pb2.ThumbnailsRequest.SerializeToString,
+            cbmir_dot_v1_dot_retrieval__pb2.ThumbnailsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -46,6 +46,11 @@ class RetrievalStub:
     """Loads the bundle's live version (after `cbmir add` / `cbmir remove`) and swaps it in atomically: requests
     in flight finish on the version they started with; none fails. Needs an admin token when tokens are set.
     """
+    GetThumbnails: _grpc.UnaryUnaryMultiCallable[_retrieval_pb2.ThumbnailsRequest, _retrieval_pb2.ThumbnailsResponse]
+    """Small PNG previews of archived images, by archive id only (never by path): the server reads each through the
+    archive reader that indexed it (folder, zip, npz, DICOM with the bundle's windows). At most
+    max_thumbnails ids per call and max_side <= max_thumbnail_side (see IndexInfo).
+    """
 
 @_typing.type_check_only
 class RetrievalAsyncStub(RetrievalStub):
@@ -64,6 +69,11 @@ class RetrievalAsyncStub(RetrievalStub):
     Reload: _aio.UnaryUnaryMultiCallable[_retrieval_pb2.ReloadRequest, _retrieval_pb2.ReloadResponse]  # type: ignore[assignment]
     """Loads the bundle's live version (after `cbmir add` / `cbmir remove`) and swaps it in atomically: requests
     in flight finish on the version they started with; none fails. Needs an admin token when tokens are set.
+    """
+    GetThumbnails: _aio.UnaryUnaryMultiCallable[_retrieval_pb2.ThumbnailsRequest, _retrieval_pb2.ThumbnailsResponse]  # type: ignore[assignment]
+    """Small PNG previews of archived images, by archive id only (never by path): the server reads each through the
+    archive reader that indexed it (folder, zip, npz, DICOM with the bundle's windows). At most
+    max_thumbnails ids per call and max_side <= max_thumbnail_side (see IndexInfo).
     """
 
 class RetrievalServicer(metaclass=_abc_1.ABCMeta):
@@ -104,6 +114,17 @@ class RetrievalServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_retrieval_pb2.ReloadResponse, _abc.Awaitable[_retrieval_pb2.ReloadResponse]]:
         """Loads the bundle's live version (after `cbmir add` / `cbmir remove`) and swaps it in atomically: requests
         in flight finish on the version they started with; none fails. Needs an admin token when tokens are set.
+        """
+
+    @_abc_1.abstractmethod
+    def GetThumbnails(
+        self,
+        request: _retrieval_pb2.ThumbnailsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_retrieval_pb2.ThumbnailsResponse, _abc.Awaitable[_retrieval_pb2.ThumbnailsResponse]]:
+        """Small PNG previews of archived images, by archive id only (never by path): the server reads each through the
+        archive reader that indexed it (folder, zip, npz, DICOM with the bundle's windows). At most
+        max_thumbnails ids per call and max_side <= max_thumbnail_side (see IndexInfo).
         """
 
 def add_RetrievalServicer_to_server(servicer: RetrievalServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
