@@ -7,8 +7,12 @@ RESULTS ?= docs/results
 .PHONY: setup demo test test-slow lint proto eval eval-mednist eval-unifesp eval-cv eval-cv-unifesp eval-cv-mednist bench bench-bundle \
 	soak report clean
 
+# Debian's chromium drives the page test (tests/test_ui.py); installed when missing and apt-get is at hand (root).
 setup:
 	$(PYTHON) -m pip install -q -e '.[server,dev]'
+	@command -v chromium >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+		echo "chromium not installed: tests/test_ui.py will be skipped (apt-get install chromium)"
 
 demo:
 	cbmir demo --out $(BUNDLES)/demo

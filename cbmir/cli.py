@@ -372,6 +372,29 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ui(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from cbmir.client import RetrievalClient
+    from cbmir.ui.app import UiConfig, create_app
+
+    eval_doc = None
+    if args.eval:
+        try:
+            eval_doc = json.loads(Path(args.eval).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise InvalidInputError(f"--eval {args.eval}: cannot read the eval result ({exc})") from exc
+    token = os.environ.get("CBMIR_TOKEN") or None
+    client = RetrievalClient(
+        args.target, timeout=args.timeout, token=token, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key
+    )
+    client.index_info()  # fail now, with the server's status, rather than on the first page load
+    app = create_app(client, UiConfig(max_upload_mb=args.max_upload_mb, eval_doc=eval_doc))
+    print(f"cbmir ui for {args.target} on http://{args.host}:{args.port}/", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from cbmir.demo import run_demo
 
@@ -572,6 +595,23 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--columns", type=_csv, help="metadata fields to show, comma-separated (default: all)")
     q.set_defaults(func=cmd_query)
     q.epilog = "The bearer token, when the server needs one, is read from the CBMIR_TOKEN environment variable."
+
+    u = sub.add_parser(
+        "ui",
+        help="a local web page over a running server: search by image or id, see the hits",
+        formatter_class=HelpFormatter,
+    )
+    u.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT of a running cbmir serve")
+    u.add_argument("--host", default="127.0.0.1", help="address the page binds (keep 127.0.0.1 unless you mean it)")
+    u.add_argument("--port", type=int, default=8080, help="port of the page")
+    u.add_argument("--eval", help="a cbmir eval --json result to show at /eval (per-class P@k, worst queries)")
+    u.add_argument("--max-upload-mb", type=int, default=32, help="largest query upload accepted")
+    u.add_argument("--timeout", type=float, default=30.0, help="deadline of each call to the server in seconds")
+    u.add_argument("--tls-ca", help="PEM CA of the server certificate (turns on TLS)")
+    u.add_argument("--tls-cert", help="client certificate for mutual TLS")
+    u.add_argument("--tls-key", help="client key for mutual TLS")
+    u.set_defaults(func=cmd_ui)
+    u.epilog = "The server's bearer token is read from CBMIR_TOKEN and never reaches the browser."
 
     d = sub.add_parser(
         "demo",

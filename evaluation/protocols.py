@@ -107,6 +107,40 @@ def score_rankings(
     }
 
 
+WORST_QUERIES = 12
+
+
+def failure_report(
+    rows: np.ndarray, bundle: Bundle, query_meta: dict[str, list[str]], query_ids: Sequence[str], rel_spec: str
+) -> dict[str, Any]:
+    """Where retrieval fails: P@1 and P@10 per class of the query, and the queries with the lowest P@10.
+
+    Returns:
+        ``per_class`` {class: {queries, P@1, P@10}} and ``worst`` [{id, class, P@10, hits: [{id, class}]}].
+    """
+    fields = rel_spec.split("&")
+    classes = ["&".join(vals) for vals in zip(*(query_meta[f] for f in fields))]
+    archive_classes = np.asarray(["&".join(vals) for vals in zip(*(bundle.metadata[f] for f in fields))], dtype=object)
+    valid = rows >= 0
+    hit_classes = np.where(valid, archive_classes[np.maximum(rows, 0)], None)
+    query_classes = np.asarray(classes, dtype=object)
+    relevant = (hit_classes == query_classes[:, None]) & valid
+    p10 = relevant[:, :K].mean(axis=1)
+    per_class = {}
+    for c in sorted(set(classes)):
+        members = query_classes == c
+        per_class[c] = {
+            "queries": int(members.sum()),
+            "P@1": round(float(relevant[members, 0].mean()), 6),
+            "P@10": round(float(p10[members].mean()), 6),
+        }
+    worst = []
+    for i in np.argsort(p10, kind="stable")[:WORST_QUERIES]:
+        hits = [{"id": bundle.ids[r], "class": str(archive_classes[r])} for r in rows[i] if r >= 0]
+        worst.append({"id": query_ids[i], "class": classes[i], "P@10": round(float(p10[i]), 6), "hits": hits})
+    return {"per_class": per_class, "worst": worst}
+
+
 def evaluate(
     bundle: Bundle,
     methods: Sequence[str],
@@ -143,6 +177,7 @@ def evaluate(
             query_vectors[name] = engine.describe(name, [r.image for r in records])
             describe_s[name] = time.perf_counter() - t0
 
+    query_ids = list(bundle.ids) if queries is None else [e.id for e in queries.entries]
     excluded: list[np.ndarray] = [np.zeros(0, np.int64)] * n_queries
     if exclude_same:
         groups: dict[str, np.ndarray] = {}
@@ -185,11 +220,13 @@ def evaluate(
         search_s = time.perf_counter() - t0
         for rel_spec in relevance:
             scores = score_rankings(rows, bundle.metadata, query_meta, excluded, rel_spec)
+            failures = failure_report(rows, bundle, query_meta, query_ids, rel_spec)
             results.append(
                 {
                     "method": spec,
                     "relevance": rel_spec,
                     **scores,
+                    **failures,
                     "search_s": round(search_s, 3),
                     "describe_s": round(sum(describe_s.get(m, 0.0) for m in (method, rerank) if m), 3),
                 }

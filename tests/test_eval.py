@@ -112,3 +112,18 @@ def test_external_query_set_is_described_by_the_bundles_extractors(small_bundle,
     assert doc["config"]["protocol"] == "external queries" and result["queries"] == 10
     # Each query is itself in the archive: its own copy ranks first, so P@1 is exactly 1.
     assert result["mP@k"][0] == 1.0 and result["describe_s"] > 0
+
+
+def test_eval_reports_per_class_precision_and_the_worst_queries(small_bundle):
+    bundle = load_bundle(small_bundle)
+    result = evaluate(bundle, ["hog"], ["label"], device="cpu", progress=False)["results"][0]
+    per_class = result["per_class"]
+    assert set(per_class) == {"Chest", "Knee", "Abdomen"} and sum(c["queries"] for c in per_class.values()) == 90
+    weighted = sum(c["P@1"] * c["queries"] for c in per_class.values()) / 90
+    assert weighted == pytest.approx(result["mP@k"][0], abs=1e-5)
+    worst = result["worst"]
+    assert len(worst) == 12 and [w["P@10"] for w in worst] == sorted(w["P@10"] for w in worst)
+    labels = dict(zip(bundle.ids, bundle.metadata["label"]))
+    for w in worst:
+        assert w["class"] == labels[w["id"]] and len(w["hits"]) == 10 and w["id"] not in {h["id"] for h in w["hits"]}
+        assert w["P@10"] == sum(h["class"] == w["class"] for h in w["hits"]) / 10

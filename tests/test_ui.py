@@ -1,0 +1,161 @@
+"""The results page in a real headless Chromium (Debian's package, driven by Playwright): upload, grid, click a
+hit, errors shown, metadata escaped, the token never in the browser, the evaluation view."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cbmir.client import RetrievalClient
+from cbmir.evaluation.protocols import evaluate
+from cbmir.index_build import build_bundle, load_bundle, open_archive
+from cbmir.server.config import ServerConfig
+from cbmir.server.startup import start_server
+from tests.helpers import UNIFESP
+
+TOKEN = "ui-test-token-0123456789"
+SCRIPT = "<script>window.pwned = 1</script><img src=x onerror='window.pwned = 2'>"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium: make setup installs it")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def hostile_bundle(unifesp_subset: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The 90-image subset, its first image's metadata carrying markup that must render as text."""
+    root, labels = unifesp_subset
+    folder = tmp_path_factory.mktemp("ui")
+    with open(labels, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    marked = min(row["path"] for row in rows)
+    for row in rows:
+        row["note"] = SCRIPT if row["path"] == marked else "plain"
+    with open(folder / "labels.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    build_bundle(open_archive(root, folder / "labels.csv"), folder / "b", {"hog": {}}, device="cpu", progress=False)
+    return folder / "b"
+
+
+@pytest.fixture(scope="module")
+def page_url(hostile_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    import uvicorn
+
+    from cbmir.ui.app import UiConfig, create_app
+
+    tokens = tmp_path_factory.mktemp("tokens") / "tokens"
+    tokens.write_text(f"search {TOKEN}\n")
+    running = start_server(
+        ServerConfig(index=str(hostile_bundle), port=0, device="cpu", tokens_file=str(tokens)), wait_ready=True
+    )
+    target = f"127.0.0.1:{running.port}"
+    doc = evaluate(load_bundle(hostile_bundle), ["hog"], ["label"], device="cpu", progress=False)
+    app = create_app(RetrievalClient(target, token=TOKEN), UiConfig(max_upload_mb=1, eval_doc=doc))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", target
+    server.should_exit = True
+    thread.join(10)
+    running.stop(0)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield chromium
+        chromium.close()
+
+
+def test_upload_shows_the_hits_of_a_direct_query_and_a_click_searches_from_a_hit(page_url, browser) -> None:
+    url, target = page_url
+    page = browser.new_page()
+    seen: list[str] = []
+    page.on("response", lambda r: seen.append(r.text() if r.url.endswith(("/", "/api/info", "/api/search")) else ""))
+    page.goto(url)
+    page.wait_for_selector("#method option", state="attached")
+    page.fill("#k", "8")
+    image = UNIFESP / "images" / "00003.png"
+    page.set_input_files("#file", str(image))
+    page.wait_for_function("document.querySelectorAll('.hit').length === 8")
+    direct = RetrievalClient(target, token=TOKEN).search_image(image.read_bytes(), k=8, method="hog")
+    cards = page.query_selector_all(".hit")
+    assert cards[0].query_selector(".id").inner_text() == direct[0].id
+    assert cards[0].query_selector(".distance").inner_text() == f"{direct[0].distance:.4f}"
+    assert [c.get_attribute("data-id") for c in cards] == [h.id for h in direct]
+    assert page.query_selector_all(".hit img")[0].evaluate("img => img.complete && img.naturalWidth > 0")
+    assert "extract" in page.inner_text("#timings")
+
+    clicked = direct[1].id
+    cards[1].click()
+    page.wait_for_function(f"document.querySelector('#query h3').textContent.includes({json.dumps(clicked)})")
+    page.wait_for_function("document.querySelectorAll('.hit').length === 8")
+    neighbours = RetrievalClient(target, token=TOKEN).search_id(clicked, k=8, method="hog")
+    assert [c.get_attribute("data-id") for c in page.query_selector_all(".hit")] == [h.id for h in neighbours]
+    assert all(TOKEN not in body for body in seen), "the server's token reached the browser"
+    page.close()
+
+
+def test_markup_in_metadata_renders_as_text(page_url, browser, hostile_bundle: Path) -> None:
+    url, _ = page_url
+    page = browser.new_page()
+    page.goto(url)
+    page.wait_for_selector("#method option", state="attached")
+    bundle = load_bundle(hostile_bundle)
+    first = next(i for i, note in zip(bundle.ids, bundle.metadata["note"]) if note == SCRIPT)
+    page.set_input_files("#file", str(UNIFESP / first))  # its own record is the first hit, note included
+    page.wait_for_selector(".hit")
+    assert SCRIPT in page.inner_text("#grid")
+    time.sleep(0.2)  # an injected onerror handler would have run by now
+    assert page.evaluate("window.pwned") is None
+    page.close()
+
+
+def test_bad_and_oversized_uploads_show_the_reason(page_url, browser, tmp_path: Path) -> None:
+    url, _ = page_url
+    page = browser.new_page()
+    page.goto(url)
+    page.wait_for_selector("#method option", state="attached")
+    bogus = tmp_path / "notes.png"
+    bogus.write_bytes(b"this is not an image")
+    page.set_input_files("#file", str(bogus))
+    page.wait_for_function("document.querySelector('#error').textContent.length > 0")
+    assert page.inner_text("#error").startswith("INVALID_ARGUMENT: query image: cannot decode image")
+    big = tmp_path / "big.png"
+    big.write_bytes(b"\x89PNG" + bytes(2 * 1024 * 1024))
+    page.set_input_files("#file", str(big))
+    page.wait_for_function("document.querySelector('#error').textContent.includes('limit of 1 MB')")
+    page.close()
+
+
+def test_evaluation_view_lists_classes_and_worst_queries(page_url, browser) -> None:
+    url, _ = page_url
+    page = browser.new_page()
+    page.goto(url + "/eval")
+    page.wait_for_selector("table tr td")
+    rows = page.query_selector_all("table tr")
+    assert len(rows) == 1 + 3  # header + Chest, Knee, Abdomen
+    assert len(page.query_selector_all(".row")) == 12 and len(page.query_selector_all(".cell.query")) == 12
+    page.close()
