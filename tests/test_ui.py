@@ -105,7 +105,8 @@ def test_upload_shows_the_hits_of_a_direct_query_and_a_click_searches_from_a_hit
     assert cards[0].query_selector(".id").inner_text() == direct[0].id
     assert cards[0].query_selector(".distance").inner_text() == f"{direct[0].distance:.4f}"
     assert [c.get_attribute("data-id") for c in cards] == [h.id for h in direct]
-    assert page.query_selector_all(".hit img")[0].evaluate("img => img.complete && img.naturalWidth > 0")
+    page.wait_for_function("[...document.querySelectorAll('.hit img')].every(i => i.complete && i.naturalWidth > 0)")
+    assert len(page.query_selector_all(".hit img")) == 8  # every thumbnail rendered from GetThumbnails
     assert "extract" in page.inner_text("#timings")
 
     clicked = direct[1].id
