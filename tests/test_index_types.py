@@ -86,9 +86,12 @@ def test_a_filter_matching_nothing_gives_zero_hits_on_every_index_type(small_bun
     """Every query kind the engine serves: plain, excluded (archive id), re-ranked, batched."""
     bundle = load_bundle(small_bundle)
     cnn = bundle.methods["cnn"]
-    if index_type == "ivfpq":  # 90 vectors are too few for 8-bit PQ codes: 4-bit ones, same index type
-        cnn.index = faiss.index_factory(cnn.dim, "IVF2,PQ8x4")
-        cnn.index.train(cnn.descriptors)
+    if index_type == "ivfpq":  # 90 vectors are too few to train 8-bit PQ codes: train on jittered copies
+        rng = np.random.default_rng(0)
+        training = np.repeat(cnn.descriptors, 40, axis=0)
+        training += 0.01 * rng.standard_normal(training.shape).astype(np.float32)
+        cnn.index = faiss.index_factory(cnn.dim, "IVF2,PQ8")
+        cnn.index.train(training)
         cnn.index.add(cnn.descriptors)
     elif index_type != "flat":
         cnn.index, _ = build_index(cnn.descriptors, "l2", index_type, {"nlist": 2, "bits": 64})
