@@ -401,6 +401,34 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(Path(args.out), device=args.device)
 
 
+def _add_device(p: Any) -> None:
+    p.add_argument(
+        "--device", default="auto", choices=DEVICE_CHOICES, help="where extractors run (auto: CUDA when present)"
+    )
+
+
+def _add_no_progress(p: Any) -> None:
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs and CI)")
+
+
+def _add_dicom_window(p: Any) -> None:
+    p.add_argument(
+        "--dicom-window",
+        action="append",
+        metavar="MODALITY=CENTRE,WIDTH",
+        help="VOI window for DICOM files without one, e.g. CT=40,400 (recorded in the bundle)",
+    )
+
+
+def _add_select(p: Any, verb: str) -> None:
+    p.add_argument(
+        "--select",
+        action="append",
+        metavar="FIELD=VALUE",
+        help=f"{verb} images whose metadata FIELD is VALUE (repeatable; an .npz's splits: split=train)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cbmir", description="Content-based medical image retrieval", formatter_class=HelpFormatter
@@ -440,22 +468,10 @@ def build_parser() -> argparse.ArgumentParser:
         "or per method (cnn=itq,hog=hnsw; the others stay flat)",
     )
     b.add_argument("--batch-size", type=int, default=64, help="images decoded and described per batch")
-    b.add_argument(
-        "--device", default="auto", choices=DEVICE_CHOICES, help="where extractors run (auto: CUDA when present)"
-    )
-    b.add_argument(
-        "--select",
-        action="append",
-        metavar="FIELD=VALUE",
-        help="index only images whose metadata FIELD is VALUE (repeatable; an .npz's splits: split=train)",
-    )
-    b.add_argument("--no-progress", action="store_true", help="no progress bars (for logs and CI)")
-    b.add_argument(
-        "--dicom-window",
-        action="append",
-        metavar="MODALITY=CENTRE,WIDTH",
-        help="VOI window for DICOM files without one, e.g. CT=40,400 (recorded in the bundle)",
-    )
+    _add_device(b)
+    _add_select(b, "index only")
+    _add_no_progress(b)
+    _add_dicom_window(b)
     b.set_defaults(func=cmd_build)
 
     a = sub.add_parser(
@@ -466,18 +482,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--index", required=True, help="bundle directory")
     a.add_argument("--images", required=True, help="folder tree, .zip or .npz of new images")
     a.add_argument("--labels", help="labels CSV for the new images")
-    a.add_argument(
-        "--select",
-        action="append",
-        metavar="FIELD=VALUE",
-        help="add only images whose metadata FIELD is VALUE (repeatable; an .npz's splits: split=train)",
-    )
+    _add_select(a, "add only")
     a.add_argument("--id-prefix", default="", help="prepended to the new images' ids (keeps sources apart)")
     a.add_argument("--batch-size", type=int, default=64, help="images decoded and described per batch")
-    a.add_argument(
-        "--device", default="auto", choices=DEVICE_CHOICES, help="where extractors run (auto: CUDA when present)"
-    )
-    a.add_argument("--no-progress", action="store_true", help="no progress bars (for logs and CI)")
+    _add_device(a)
+    _add_no_progress(a)
     a.set_defaults(func=cmd_add)
 
     r = sub.add_parser("remove", help="drop ids from a bundle as a new version", formatter_class=HelpFormatter)
@@ -492,25 +501,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--labels", help="labels CSV (default: labels.csv beside or inside the archive)")
     t.add_argument("--label-field", default="label", help="metadata column holding the class")
     t.add_argument("--group-field", help="column grouping images of one patient; validation never shares one")
-    t.add_argument(
-        "--select",
-        action="append",
-        metavar="FIELD=VALUE",
-        help="train only on images whose metadata FIELD is VALUE (repeatable; split=train for an .npz)",
-    )
+    _add_select(t, "train only on")
     t.add_argument("--max-images", type=int, default=0, help="class-balanced subsample of this many images")
     _add_train_flags(t)
-    t.add_argument(
-        "--device", default="auto", choices=DEVICE_CHOICES, help="where extractors run (auto: CUDA when present)"
-    )
+    _add_device(t)
     t.add_argument("--out", required=True, help="checkpoint file to write")
-    t.add_argument(
-        "--dicom-window",
-        action="append",
-        metavar="MODALITY=CENTRE,WIDTH",
-        help="VOI window for DICOM files without one, e.g. CT=40,400 (recorded in the bundle)",
-    )
-    t.add_argument("--no-progress", action="store_true", help="no progress bars (for logs and CI)")
+    _add_dicom_window(t)
+    _add_no_progress(t)
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser(
@@ -524,29 +521,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--relevance", default="label", help="comma-separated fields; a&b needs both to match")
     e.add_argument("--exclude-same", help="never retrieve images sharing this field with the query (patient_id)")
     e.add_argument("--json", help="write the result document here")
-    e.add_argument(
-        "--device", default="auto", choices=DEVICE_CHOICES, help="where extractors run (auto: CUDA when present)"
-    )
-    e.add_argument("--no-progress", action="store_true", help="no progress bars (for logs and CI)")
+    _add_device(e)
+    _add_no_progress(e)
     cv = e.add_argument_group("group k-fold cross-validation (fine-tunes per fold; no bundle needed)")
     cv.add_argument("--cv-folds", type=int, default=0, help="number of folds; needs --images")
     cv.add_argument("--images", help="labelled archive to split into folds")
     cv.add_argument("--labels", help="labels CSV for --images")
-    cv.add_argument(
-        "--select",
-        action="append",
-        metavar="FIELD=VALUE",
-        help="use only images whose metadata FIELD is VALUE (repeatable; split=train for an .npz)",
-    )
+    _add_select(cv, "use only")
     cv.add_argument("--max-images", type=int, default=0, help="class-balanced subsample of this many images")
     cv.add_argument("--label-field", default="label", help="class column the fine-tuning learns")
     cv.add_argument("--group-field", help="patient column: folds and exclusions never split a group")
-    cv.add_argument(
-        "--dicom-window",
-        action="append",
-        metavar="MODALITY=CENTRE,WIDTH",
-        help="VOI window for DICOM files without one, e.g. CT=40,400 (recorded in the bundle)",
-    )
+    _add_dicom_window(cv)
     cv.add_argument(
         "--train-max-images",
         type=int,
@@ -619,9 +604,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
     )
     d.add_argument("--out", default=os.path.join("bundles", "demo"), help="bundle directory the demo writes")
-    d.add_argument(
-        "--device", default="auto", choices=DEVICE_CHOICES, help="where extractors run (auto: CUDA when present)"
-    )
+    _add_device(d)
     d.set_defaults(func=cmd_demo)
     return parser
 
