@@ -15,6 +15,7 @@ import grpc
 from cbmir.errors import OverloadedError
 from cbmir.timing import recording
 
+from .metrics import ServerMetrics
 from .search_engine import SearchEngine
 from .status import status_for
 
@@ -55,10 +56,11 @@ def check_active(context: grpc.ServicerContext) -> None:
 class Admission:
     """At most ``limit`` requests run at once; the rest are refused with RESOURCE_EXHAUSTED at once."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, metrics: ServerMetrics | None = None) -> None:
         self.limit = limit
         self.slots = threading.BoundedSemaphore(limit)
         self.stats = ServiceStats()
+        self.metrics = metrics or ServerMetrics()
 
     def request(self, rpc: str, context: grpc.ServicerContext, engine: Callable[[], SearchEngine]) -> RequestScope:
         """A scope for one request: ``with admission.request(...) as (engine, record):``."""
@@ -82,10 +84,12 @@ class RequestScope:
         engine = self._engine()
         if not self.admission.slots.acquire(blocking=False):
             self.admission.stats.add("rejected_overload")
+            self.admission.metrics.rejected.labels(reason="overload").inc()
             raise OverloadedError(
                 f"server is at its limit of {self.admission.limit} concurrent searches; retry with back-off"
             )
         self._acquired = True
+        self.admission.metrics.in_flight.inc()
         self.stages = self._recording.__enter__()
         return engine, self.record
 
@@ -93,6 +97,7 @@ class RequestScope:
         self._recording.__exit__(exc_type, exc, tb)
         if self._acquired:
             self.admission.slots.release()
+            self.admission.metrics.in_flight.dec()
         status = "OK"
         suppress = False
         if isinstance(exc, Cancelled):
@@ -110,4 +115,5 @@ class RequestScope:
             },
         )
         log.info(json.dumps(self.record, default=str))
+        self.admission.metrics.finished(self.rpc, str(self.record.get("method") or ""), status, self.record["ms"])
         return suppress

@@ -31,10 +31,18 @@ class MicroBatcher:
         describe: images -> (N, D) descriptors.
         max_batch: most images per call.
         name: thread name suffix.
+        on_batch: called with each batch's image count (the metrics' micro-batch histogram).
     """
 
-    def __init__(self, describe: Describe, max_batch: int = 32, name: str = "describe") -> None:
+    def __init__(
+        self,
+        describe: Describe,
+        max_batch: int = 32,
+        name: str = "describe",
+        on_batch: Callable[[int], None] | None = None,
+    ) -> None:
         self._describe = describe
+        self._on_batch = on_batch
         self._max_batch = max_batch
         self._queue: queue.SimpleQueue[tuple[list[np.ndarray], Future[Result]] | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -80,6 +88,8 @@ class MicroBatcher:
 
     def _process(self, pending: list[tuple[list[np.ndarray], Future[Result]]]) -> None:
         images = [img for imgs, _ in pending for img in imgs]
+        if self._on_batch is not None:
+            self._on_batch(len(images))
         try:
             with recording() as stages:
                 out = self._describe(images)

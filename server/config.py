@@ -69,6 +69,10 @@ class ServerConfig:
             "instead of fragmenting the heap (0: glibc's own adaptive threshold)"
         ),
     )
+    metrics_port: int | None = field(
+        default=None, metadata=option("serve Prometheus metrics at http://HOST:PORT/metrics (0: any free port)")
+    )
+    metrics_host: str | None = field(default=None, metadata=option("address of the metrics port (default: --host)"))
     tokens_file: str | None = field(
         default=None,
         metadata=option("file of 'ROLE TOKEN' lines (roles: search, admin); health checks stay open", flag="--tokens"),

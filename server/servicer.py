@@ -40,6 +40,7 @@ class RetrievalService(pb_grpc.RetrievalServicer):
         self.config = config
         self.admission = Admission(config.concurrency)
         self.stats = self.admission.stats
+        self.metrics = self.admission.metrics
         self._live: tuple[SearchEngine, dict[str, MicroBatcher]] | None = None
         self._reload_lock = threading.Lock()
 
@@ -66,26 +67,36 @@ class RetrievalService(pb_grpc.RetrievalServicer):
             t0 = time.perf_counter()
             old = self.engine
             if old is not None and resolve_version_dir(self.config.index) == old.bundle.path:
+                self.metrics.reloads.labels(result="unchanged").inc()
                 return False
             try:
                 engine = SearchEngine(load_bundle(self.config.index), device=self.config.device)
                 engine.warmup()
             except CbmirError:
+                self.metrics.reloads.labels(result="failed").inc()
                 raise
             except Exception as exc:
+                self.metrics.reloads.labels(result="failed").inc()
                 raise BundleError(
                     f"{self.config.index}: cannot load the live version ({type(exc).__name__}: {exc})"
                 ) from exc
             batchers: dict[str, MicroBatcher] = {}
             if self.config.micro_batch > 0:
                 batchers = {
-                    m: MicroBatcher(functools.partial(engine.describe, m), self.config.micro_batch, m)
+                    m: MicroBatcher(
+                        functools.partial(engine.describe, m),
+                        self.config.micro_batch,
+                        m,
+                        on_batch=self.metrics.micro_batch.labels(method=m).observe,
+                    )
                     for m in engine.methods
                 }
             old_batchers = self.batchers
             self._live = (engine, batchers)
             for batcher in old_batchers.values():
                 batcher.close()
+            self.metrics.reloads.labels(result="changed").inc()
+            self.metrics.serving(engine.bundle.version, len(engine.bundle))
             log.info(
                 json.dumps(
                     {

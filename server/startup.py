@@ -40,6 +40,9 @@ class RunningServer:
     ready: threading.Event
     failure: list[BaseException]
     """The start-up load's exception, if it failed (set before ``ready``)."""
+    metrics_port: int | None = None
+    """Port of the Prometheus ``/metrics`` endpoint, when one was asked for."""
+    metrics_http: Any = None
 
     def stop(self, grace: float | None = None) -> None:
         """Health goes NOT_SERVING first, then in-flight streams get ``grace`` seconds to finish."""
@@ -47,6 +50,9 @@ class RunningServer:
         self.server.stop(grace if grace is not None else self.service.config.grace_s).wait()
         for batcher in self.service.batchers.values():
             batcher.close()
+        if self.metrics_http is not None:
+            self.metrics_http.shutdown()
+            self.metrics_http.server_close()
 
 
 def set_mmap_threshold(kib: int) -> bool:
@@ -134,6 +140,20 @@ def start_server(config: ServerConfig, *, wait_ready: bool = False) -> RunningSe
 
     threading.Thread(target=load, name="cbmir-load", daemon=True).start()
     running = RunningServer(server, port, service, health_servicer, ready, failure)
+    if config.metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        host = config.metrics_host or config.host
+        try:
+            running.metrics_http, _ = start_http_server(
+                config.metrics_port, addr=host, registry=service.metrics.registry
+            )
+        except OSError as exc:
+            server.stop(0)
+            raise OSError(
+                exc.errno, f"cannot bind the metrics port {host}:{config.metrics_port} ({exc.strerror})"
+            ) from exc
+        running.metrics_port = int(running.metrics_http.server_port)
     if wait_ready:
         ready.wait()
         if failure:
@@ -155,7 +175,11 @@ def serve_forever(config: ServerConfig) -> None:
 
         resolve_device(config.device)
     running = start_server(config)
-    log.info(json.dumps({"event": "listening", "host": config.host, "port": running.port}))
+    log.info(
+        json.dumps(
+            {"event": "listening", "host": config.host, "port": running.port, "metrics_port": running.metrics_port}
+        )
+    )
     print(f"cbmir serving {config.index} on {config.host}:{running.port}", flush=True)
     stopping = threading.Event()
 
