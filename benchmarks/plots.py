@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
         setting = {k: v for k, v in run["params"].items() if k in ("nprobe", "efSearch")}
         return run["index_type"] + "".join(f" {k}={v}" for k, v in setting.items())
 
-    colours = plt.get_cmap("tab20").colors  # type: ignore[attr-defined]
+    colours = plt.get_cmap("tab20").colors
     for i, name in enumerate(dict.fromkeys(series(r) for r in runs)):
         rows = sorted((r for r in runs if series(r) == name), key=lambda r: r["n"])
         ns = [r["n"] for r in rows]
