@@ -361,6 +361,10 @@ def cmd_query(args: argparse.Namespace) -> int:
             k_prep=args.k_prep,
             filters=_pairs(args.filter, "--filter"),
             predict_class=args.predict_class,
+            group_by=args.group_by or "",
+            group_size=args.group_size,
+            max_distance=args.max_distance,
+            offset=args.offset,
         )
         predicted = client.last_trailers.get("cbmir-predicted-class")
     if args.json:
@@ -577,6 +581,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--tls-key", help="client key for mutual TLS")
     q.add_argument("--timeout", type=float, default=30.0, help="deadline of the call in seconds")
     q.add_argument("--json", action="store_true", help="print the hits as JSON (for scripts)")
+    q.add_argument("--group-by", help="metadata field: the best k groups (e.g. patient_id: k different patients)")
+    q.add_argument("--group-size", type=int, default=0, help="hits per group with --group-by (0: 1)")
+    q.add_argument("--max-distance", type=float, help="only hits at most this far (fewer than k is fine)")
+    q.add_argument("--offset", type=int, default=0, help="skip this many hits (groups): the next page")
     q.add_argument("--columns", type=_csv, help="metadata fields to show, comma-separated (default: all)")
     q.set_defaults(func=cmd_query)
     q.epilog = "The bearer token, when the server needs one, is read from the CBMIR_TOKEN environment variable."

@@ -68,10 +68,11 @@ class Hit:
     rank: int
     distance: float
     metadata: dict[str, str] = field(default_factory=dict)
+    group: str = ""
 
     @classmethod
     def from_proto(cls, hit: pb.SearchHit) -> Hit:
-        return cls(hit.id, hit.uri, hit.rank, hit.distance, dict(hit.metadata))
+        return cls(hit.id, hit.uri, hit.rank, hit.distance, dict(hit.metadata), hit.group)
 
 
 def build_request(
@@ -90,6 +91,10 @@ def build_request(
     rerank_vector: Sequence[float] | np.ndarray | None = None,
     predict_class: bool = False,
     min_class_confidence: float = 0.0,
+    group_by: str = "",
+    group_size: int = 0,
+    max_distance: float | None = None,
+    offset: int = 0,
 ) -> pb.SearchRequest:
     """A ``SearchRequest`` with exactly one query kind set.
 
@@ -98,6 +103,10 @@ def build_request(
     """
     if k < 1:
         raise InvalidInputError(f"k must be at least 1, got {k}")
+    if offset < 0 or group_size < 0:
+        raise InvalidInputError(f"offset and group_size must not be negative, got {offset} and {group_size}")
+    if max_distance is not None and not max_distance >= 0:
+        raise InvalidInputError(f"max_distance must be a number >= 0, got {max_distance}")
     if k_prep < 0:
         raise InvalidInputError(f"k_prep must be 0 (default) or at least k, got {k_prep}")
     req = pb.SearchRequest(
@@ -109,7 +118,12 @@ def build_request(
         include_self=include_self,
         predict_class=predict_class,
         min_class_confidence=min_class_confidence,
+        group_by=group_by,
+        group_size=group_size,
+        offset=offset,
     )
+    if max_distance is not None:
+        req.max_distance = max_distance
     for name, values in (filters or {}).items():
         listed = [values] if isinstance(values, str | int | float | bool) else list(values)
         req.filters.add(field=name, values=[v if isinstance(v, str) else _text(v) for v in listed])

@@ -12,6 +12,7 @@ from cbmir.timing import stage
 from cbmir.v1 import retrieval_pb2 as pb
 
 from .config import DEFAULT_K, ServerConfig
+from .result_shaping import Shaping
 from .search_engine import SearchEngine
 
 
@@ -33,6 +34,7 @@ class QueryPlan:
     min_class_confidence: float | None = None
     probabilities: np.ndarray | None = None
     predicted_class: str = ""
+    shaping: Shaping = Shaping()
 
 
 MAX_NAME_CHARS = 128
@@ -146,4 +148,27 @@ def plan_query(engine: SearchEngine, request: pb.SearchRequest, config: ServerCo
             raise InvalidInputError(f"min_class_confidence must be within [0, 1], got {confidence}")
         plan.min_class_confidence = confidence
     plan.exclude = np.asarray(sorted(set(exclude)), dtype=np.int64)
+    plan.shaping = _shaping(engine, request, config, plan)
     return plan
+
+
+def _shaping(engine: SearchEngine, request: pb.SearchRequest, config: ServerConfig, plan: QueryPlan) -> Shaping:
+    """Group-by, distance cut-off and paging of one request, validated."""
+    group_size = request.group_size or 1
+    if request.group_by and request.group_by not in engine.filter_fields:
+        raise InvalidInputError(
+            f"unknown group_by field {shown(request.group_by)}; fields: {', '.join(engine.filter_fields)}"
+        )
+    if not 1 <= group_size <= config.max_group_size:
+        raise InvalidInputError(f"group_size must be between 1 and {config.max_group_size}, got {group_size}")
+    if request.group_size and not request.group_by:
+        raise InvalidInputError("group_size needs group_by")
+    if request.offset > config.max_offset:
+        raise InvalidInputError(f"offset must be at most {config.max_offset}, got {request.offset}")
+    max_distance = request.max_distance if request.HasField("max_distance") else None
+    if max_distance is not None and not (np.isfinite(max_distance) and max_distance >= 0):
+        raise InvalidInputError(f"max_distance must be a finite number >= 0, got {max_distance}")
+    shaping = Shaping(request.group_by, group_size, max_distance, int(request.offset))
+    if shaping.active and plan.min_class_confidence is not None:
+        raise InvalidInputError("group_by, max_distance and offset do not combine with predict_class")
+    return shaping

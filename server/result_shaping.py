@@ -48,8 +48,14 @@ def _group_key(value: str, row: int) -> str:
 
 
 def _shape_one(
-    rows: np.ndarray, dists: np.ndarray, ids: Sequence[str], column: Sequence[str] | None, k: int, shaping: Shaping,
-    group_sizes: dict[str, int] | None, exhausted: bool,
+    rows: np.ndarray,
+    dists: np.ndarray,
+    ids: Sequence[str],
+    column: Sequence[str] | None,
+    k: int,
+    shaping: Shaping,
+    group_sizes: dict[str, int] | None,
+    exhausted: bool,
 ) -> ShapedHits | None:
     """The answer from one query's ranking prefix, or None when the prefix is too short to be sure."""
     valid = rows >= 0
@@ -131,13 +137,18 @@ def shaped_search(
             kwargs["rerank_queries"] = kwargs["rerank_queries"][todo]
             kwargs["k_prep"] = fetch
         result = engine.search(
-            method, queries[todo], fetch, allowed=allowed,
-            exclude=None if exclude is None else [exclude[i] for i in todo], **kwargs,
+            method,
+            queries[todo],
+            fetch,
+            allowed=allowed,
+            exclude=None if exclude is None else [exclude[i] for i in todo],
+            **kwargs,
         )
         for j, i in enumerate(todo):
             exhausted = reranked or fetch >= n or bool((result.rows[j] < 0).any())
-            answers[i] = _shape_one(result.rows[j], result.distances[j], engine.bundle.ids, column, k, shaping,
-                                    group_sizes, exhausted)
+            answers[i] = _shape_one(
+                result.rows[j], result.distances[j], engine.bundle.ids, column, k, shaping, group_sizes, exhausted
+            )
         if all(a is not None for a in answers):
             return [a for a in answers if a is not None]
         fetch = min(n, fetch * 4)

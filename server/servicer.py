@@ -23,6 +23,7 @@ from .admission import Admission, RequestScope, check_active
 from .batching import MicroBatcher
 from .config import ServerConfig
 from .planning import QueryPlan, default_method, plan_query
+from .result_shaping import ShapedHits, shaped_search
 from .search_engine import SearchEngine
 from .thumbnails import thumbnails
 
@@ -128,8 +129,8 @@ class RetrievalService(pb_grpc.RetrievalServicer):
             plan = plan_query(engine, request, self.config)
             record.update(query=plan.kind, method=plan.method, rerank=plan.rerank, k=plan.k)
             self._describe(engine, [plan], context)
-            rows, dists = self._search(engine, [plan], context)
-            hits = self._hits(engine, rows[0], dists[0])
+            answers = self._search(engine, [plan], context)
+            hits = self._hits(engine, answers[0])
             record["hits"] = len(hits)
             trailers = [("cbmir-timings-ms", json.dumps({k: round(v, 3) for k, v in scope.stages.items()}))]
             if plan.min_class_confidence is not None:
@@ -157,10 +158,9 @@ class RetrievalService(pb_grpc.RetrievalServicer):
                     raise type(exc)(f"query {i}: {exc}") from exc
             record.update(queries=len(plans))
             self._describe(engine, plans, context)
-            rows, dists = self._search(engine, plans, context)
+            answers = self._search(engine, plans, context)
             results = [
-                pb.SearchBatchResult(query_index=i, hits=self._hits(engine, rows[i], dists[i]))
-                for i in range(len(plans))
+                pb.SearchBatchResult(query_index=i, hits=self._hits(engine, answers[i])) for i in range(len(plans))
             ]
         yield from self._stream(results, context, lambda r: len(r.hits))
 
@@ -260,13 +260,12 @@ class RetrievalService(pb_grpc.RetrievalServicer):
 
     def _search(
         self, engine: SearchEngine, plans: Sequence[QueryPlan], context: grpc.ServicerContext
-    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """Search the plans, grouped so that queries sharing method, k and filter run as one batch."""
-        rows: list[np.ndarray] = [np.zeros(0, np.int64)] * len(plans)
-        dists: list[np.ndarray] = [np.zeros(0, np.float32)] * len(plans)
+    ) -> list[ShapedHits]:
+        """Search the plans, grouped so that queries sharing method, k, filter and shaping run as one batch."""
+        answers: list[ShapedHits] = [ShapedHits([], [], [], [])] * len(plans)
         groups: dict[tuple[Any, ...], list[int]] = {}
         for i, p in enumerate(plans):
-            key = (p.method, p.rerank, p.k, p.k_prep, p.filter_key, p.min_class_confidence)
+            key = (p.method, p.rerank, p.k, p.k_prep, p.filter_key, p.min_class_confidence, p.shaping)
             groups.setdefault(key, []).append(i)
         for members in groups.values():
             first = plans[members[0]]
@@ -292,16 +291,31 @@ class RetrievalService(pb_grpc.RetrievalServicer):
                 classes = engine.extractor(first.method).classes or []
                 for j, i in enumerate(members):
                     plans[i].predicted_class = classes[predicted[j]] if predicted[j] >= 0 else ""
+            elif first.shaping.active:
+                for j, shaped in enumerate(
+                    shaped_search(engine, first.method, queries, first.k, first.shaping, **common)
+                ):
+                    answers[members[j]] = shaped
+                self.stats.add("searches", len(members))
+                check_active(context)
+                continue
             else:
                 result = engine.search(first.method, queries, first.k, **common)
             for j, i in enumerate(members):
-                rows[i], dists[i] = result.rows[j], result.distances[j]
+                valid = result.rows[j] >= 0
+                count = int(valid.sum())
+                answers[i] = ShapedHits(
+                    result.rows[j][valid].tolist(),
+                    result.distances[j][valid].tolist(),
+                    list(range(1, count + 1)),
+                    [""] * count,
+                )
             self.stats.add("searches", len(members))
             check_active(context)
-        return rows, dists
+        return answers
 
     @staticmethod
-    def _hits(engine: SearchEngine, rows: np.ndarray, dists: np.ndarray) -> list[pb.SearchHit]:
+    def _hits(engine: SearchEngine, answer: ShapedHits) -> list[pb.SearchHit]:
         bundle = engine.bundle
         return [
             pb.SearchHit(
@@ -310,7 +324,7 @@ class RetrievalService(pb_grpc.RetrievalServicer):
                 rank=rank,
                 distance=float(d),
                 metadata=bundle.record_metadata(int(r)),
+                group=group,
             )
-            for rank, (r, d) in enumerate(zip(rows.tolist(), dists.tolist()), start=1)
-            if r >= 0
+            for r, d, rank, group in zip(answer.rows, answer.distances, answer.ranks, answer.groups)
         ]

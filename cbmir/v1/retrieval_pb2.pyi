@@ -114,6 +114,10 @@ class SearchRequest(_message.Message):
     RERANK_VECTOR_FIELD_NUMBER: _builtins.int
     PREDICT_CLASS_FIELD_NUMBER: _builtins.int
     MIN_CLASS_CONFIDENCE_FIELD_NUMBER: _builtins.int
+    GROUP_BY_FIELD_NUMBER: _builtins.int
+    GROUP_SIZE_FIELD_NUMBER: _builtins.int
+    MAX_DISTANCE_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
     image: _builtins.bytes
     """PNG, JPEG or DICOM file bytes, detected from content"""
     archive_id: _builtins.str
@@ -135,6 +139,16 @@ class SearchRequest(_message.Message):
     empty when it fell back to the whole archive)
     top class probability needed to restrict the search (0 means 0.5)
     """
+    group_by: _builtins.str
+    """metadata field (patient_id, StudyInstanceUID): the best k groups, each"""
+    group_size: _builtins.int
+    """with its best group_size hits, as if the whole ranking were grouped
+    hits per group (0 means 1)
+    """
+    max_distance: _builtins.float
+    """only hits at most this far (fewer than k is fine)"""
+    offset: _builtins.int
+    """skip this many hits (groups with group_by): pages of a stable ranking,"""
     @_builtins.property
     def pixels(self) -> Global___PixelArray:
         """a decoded grayscale image"""
@@ -170,13 +184,22 @@ class SearchRequest(_message.Message):
         rerank_vector: Global___Vector | None = ...,
         predict_class: _builtins.bool = ...,
         min_class_confidence: _builtins.float = ...,
+        group_by: _builtins.str = ...,
+        group_size: _builtins.int = ...,
+        max_distance: _builtins.float | None = ...,
+        offset: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["archive_id", b"archive_id", "image", b"image", "pixels", b"pixels", "query", b"query", "rerank_vector", b"rerank_vector", "vector", b"vector"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_distance", b"_max_distance", "archive_id", b"archive_id", "image", b"image", "max_distance", b"max_distance", "pixels", b"pixels", "query", b"query", "rerank_vector", b"rerank_vector", "vector", b"vector"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["archive_id", b"archive_id", "exclude_ids", b"exclude_ids", "filters", b"filters", "image", b"image", "include_self", b"include_self", "k", b"k", "k_prep", b"k_prep", "method", b"method", "min_class_confidence", b"min_class_confidence", "pixels", b"pixels", "predict_class", b"predict_class", "query", b"query", "rerank", b"rerank", "rerank_vector", b"rerank_vector", "vector", b"vector"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_distance", b"_max_distance", "archive_id", b"archive_id", "exclude_ids", b"exclude_ids", "filters", b"filters", "group_by", b"group_by", "group_size", b"group_size", "image", b"image", "include_self", b"include_self", "k", b"k", "k_prep", b"k_prep", "max_distance", b"max_distance", "method", b"method", "min_class_confidence", b"min_class_confidence", "offset", b"offset", "pixels", b"pixels", "predict_class", b"predict_class", "query", b"query", "rerank", b"rerank", "rerank_vector", b"rerank_vector", "vector", b"vector"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_distance: _TypeAlias = _typing.Literal["max_distance"]  # noqa: Y015
+    _WhichOneofArgType__max_distance: _TypeAlias = _typing.Literal["_max_distance", b"_max_distance"]  # noqa: Y015
     _WhichOneofReturnType_query: _TypeAlias = _typing.Literal["image", "pixels", "archive_id", "vector"]  # noqa: Y015
     _WhichOneofArgType_query: _TypeAlias = _typing.Literal["query", b"query"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_distance) -> _WhichOneofReturnType__max_distance | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType_query) -> _WhichOneofReturnType_query | None: ...
 
 Global___SearchRequest: _TypeAlias = SearchRequest  # noqa: Y015
@@ -210,12 +233,15 @@ class SearchHit(_message.Message):
     RANK_FIELD_NUMBER: _builtins.int
     DISTANCE_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
+    GROUP_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     uri: _builtins.str
     rank: _builtins.int
     """1-based"""
     distance: _builtins.float
     """of the method that ordered the hits (the re-ranker when used):"""
+    group: _builtins.str
+    """the hit's group_by value when grouping"""
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Euclidean (l2), city block (l1) or 1 - cosine (cosine)"""
@@ -228,10 +254,11 @@ class SearchHit(_message.Message):
         rank: _builtins.int = ...,
         distance: _builtins.float = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        group: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["distance", b"distance", "id", b"id", "metadata", b"metadata", "rank", b"rank", "uri", b"uri"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["distance", b"distance", "group", b"group", "id", b"id", "metadata", b"metadata", "rank", b"rank", "uri", b"uri"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
