@@ -60,6 +60,16 @@ FilterValue = str | int | float | bool
 
 
 @dataclass
+class IngestItem:
+    """One image to add over the API: encoded ``image`` bytes or a 2-D ``pixels`` array, and its metadata."""
+
+    id: str
+    image: bytes | None = None
+    pixels: Any = None
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass
 class Hit:
     """One search result."""
 
@@ -241,6 +251,30 @@ class RetrievalClient:
         """Count, methods, filter fields, limits and version of the served index."""
         with _raising_retrieval_errors():
             return self.stub.GetIndexInfo(pb.GetIndexInfoRequest(), timeout=self.timeout, metadata=self.metadata)
+
+    def add_images(self, items: Iterable[IngestItem]) -> pb.AddImagesResponse:
+        """Stream images into the index (admin token): one durable version, one result per item, in order."""
+
+        def requests() -> Iterator[pb.AddImageRequest]:
+            for item in items:
+                request = pb.AddImageRequest(id=item.id, metadata=dict(item.metadata))
+                if item.image is not None:
+                    request.image = item.image
+                elif item.pixels is not None:
+                    request.pixels.CopyFrom(build_request(pixels=item.pixels).pixels)
+                yield request
+
+        with _raising_retrieval_errors():
+            return self.stub.AddImages(requests(), timeout=self.timeout, metadata=self.metadata)
+
+    def remove_images(self, ids: Sequence[str], *, missing_ok: bool = False) -> pb.RemoveImagesResponse:
+        """Remove archive ids from the index (admin token); a new version is served before the answer."""
+        with _raising_retrieval_errors():
+            return self.stub.RemoveImages(
+                pb.RemoveImagesRequest(ids=list(ids), missing_ok=missing_ok),
+                timeout=self.timeout,
+                metadata=self.metadata,
+            )
 
     def thumbnails(self, ids: Sequence[str], max_side: int = 128) -> list[pb.Thumbnail]:
         """PNG previews of archived images by id, in order; an item whose image cannot be read carries ``error``."""

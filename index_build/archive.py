@@ -103,6 +103,20 @@ class _Subset(Archive):
         return self._parent.load(self._indices[index])
 
 
+class MemoryArchive(Archive):
+    """Images decoded in memory (ingested over the API): ids as given, uris ``ingest://<id>``."""
+
+    def __init__(self, records: Sequence[ImageRecord], source: str = "ingest") -> None:
+        super().__init__([ArchiveEntry(r.id, r.uri, dict(r.metadata)) for r in records], source)
+        self._records = list(records)
+
+    def with_windows(self, windows: DicomWindows) -> Archive:
+        return self  # already decoded (the server decodes DICOM with the bundle's windows)
+
+    def load(self, index: int) -> ImageRecord:
+        return self._records[index]
+
+
 def decode_archived_bytes(
     data: bytes, uri: str, windows: DicomWindows = NO_WINDOWS
 ) -> tuple[np.ndarray, dict[str, str]]:

@@ -41,6 +41,7 @@ class UpdateReport:
     duplicates: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)
+    conflicts: list[str] = field(default_factory=list)
 
 
 def _records(bundle: Bundle, rows: np.ndarray) -> list[tuple[str, str, dict[str, str], str]]:
@@ -100,6 +101,7 @@ def add_to_bundle(
     batch_size: int = 64,
     device: str = "auto",
     progress: bool = True,
+    conflicts_fail: bool = True,
 ) -> UpdateReport:
     """Index the archive's images into a new version of the bundle at ``root``.
 
@@ -108,6 +110,8 @@ def add_to_bundle(
 
     Args:
         id_prefix: prepended to the archive's ids (e.g. ``2026-11/``) so several sources cannot collide.
+        conflicts_fail: an id indexed with other pixels fails the whole update (the CLI); False reports it in
+            ``conflicts`` and adds the rest (the ingestion RPC, one result per item).
     """
     if len(archive) == 0:
         raise InvalidInputError(f"archive {archive.source} holds no images")
@@ -136,7 +140,7 @@ def add_to_bundle(
             return True
 
         extraction = extract_archive(archive, extractors, batch_size=batch_size, progress=progress, keep=keep)
-        if conflicts:
+        if conflicts and conflicts_fail:
             raise InvalidInputError(
                 f"{len(conflicts)} id(s) are already indexed with different pixels (e.g. {conflicts[:3]}); remove "
                 "them first or add with --id-prefix; nothing was written"
@@ -144,7 +148,7 @@ def add_to_bundle(
         added = [(id_prefix + i, uri, meta, h) for i, uri, meta, h in extraction.records]
         if not added:
             log.info("nothing new to add (%d duplicates, %d unreadable)", len(duplicates), len(extraction.skipped))
-            return UpdateReport(bundle.path, len(bundle), [], duplicates, [], extraction.skipped)
+            return UpdateReport(bundle.path, len(bundle), [], duplicates, [], extraction.skipped, conflicts)
         descriptors = {
             name: np.concatenate([bundle.methods[name].descriptors, ex.transform(extraction.raw[name])])
             for name, ex in extractors.items()
@@ -163,7 +167,9 @@ def add_to_bundle(
             },
             appended=True,
         )
-    return UpdateReport(path, len(bundle) + len(added), [r[0] for r in added], duplicates, [], extraction.skipped)
+    return UpdateReport(
+        path, len(bundle) + len(added), [r[0] for r in added], duplicates, [], extraction.skipped, conflicts
+    )
 
 
 def remove_from_bundle(root: str | os.PathLike[str], ids: Sequence[str], *, missing_ok: bool = False) -> UpdateReport:

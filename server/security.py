@@ -24,7 +24,11 @@ from .status import replace_behaviour
 ROLES = ("search", "admin")
 MIN_TOKEN_CHARS = 16
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
-ADMIN_METHODS = ("/cbmir.v1.Retrieval/Reload",)
+ADMIN_METHODS = (
+    "/cbmir.v1.Retrieval/Reload",
+    "/cbmir.v1.Retrieval/AddImages",
+    "/cbmir.v1.Retrieval/RemoveImages",
+)
 
 
 def read_tokens(path: str | os.PathLike[str]) -> list[tuple[bytes, str]]:

@@ -15,6 +15,7 @@ import numpy as np
 
 from cbmir.errors import BundleError, CbmirError, InvalidInputError, NotFoundError, NotReadyError
 from cbmir.index_build.bundle import load_bundle, resolve_version_dir
+from cbmir.index_build.update import remove_from_bundle
 from cbmir.timing import add_stages
 from cbmir.v1 import retrieval_pb2 as pb
 from cbmir.v1 import retrieval_pb2_grpc as pb_grpc
@@ -22,6 +23,7 @@ from cbmir.v1 import retrieval_pb2_grpc as pb_grpc
 from .admission import Admission, RequestScope, check_active
 from .batching import MicroBatcher
 from .config import ServerConfig
+from .ingestion import ingest
 from .planning import QueryPlan, default_method, plan_query
 from .result_shaping import ShapedHits, shaped_search
 from .search_engine import SearchEngine
@@ -44,6 +46,7 @@ class RetrievalService(pb_grpc.RetrievalServicer):
         self.metrics = self.admission.metrics
         self._live: tuple[SearchEngine, dict[str, MicroBatcher]] | None = None
         self._reload_lock = threading.Lock()
+        self._ingest_lock = threading.Lock()
 
     @property
     def engine(self) -> SearchEngine | None:
@@ -163,6 +166,26 @@ class RetrievalService(pb_grpc.RetrievalServicer):
                 pb.SearchBatchResult(query_index=i, hits=self._hits(engine, answers[i])) for i in range(len(plans))
             ]
         yield from self._stream(results, context, lambda r: len(r.hits))
+
+    def AddImages(
+        self, request_iterator: Iterator[pb.AddImageRequest], context: grpc.ServicerContext
+    ) -> pb.AddImagesResponse:
+        with self._ingest_lock, self._request("AddImages", context) as (engine, record):
+            results, report = ingest(engine, request_iterator, self.config)
+            if report is not None and report.added:
+                self.load()  # the new version is durable on disk; serve it before acknowledging
+            record.update(items=len(results), added=sum(r.status == "added" for r in results))
+        live = self._engine()
+        return pb.AddImagesResponse(results=results, version=live.bundle.version, count=len(live.bundle))
+
+    def RemoveImages(self, request: pb.RemoveImagesRequest, context: grpc.ServicerContext) -> pb.RemoveImagesResponse:
+        with self._ingest_lock, self._request("RemoveImages", context) as (_, record):
+            report = remove_from_bundle(self.config.index, list(request.ids), missing_ok=request.missing_ok)
+            if report.removed:
+                self.load()
+            record.update(removed=len(report.removed))
+        live = self._engine()
+        return pb.RemoveImagesResponse(removed=report.removed, version=live.bundle.version, count=len(live.bundle))
 
     def GetThumbnails(self, request: pb.ThumbnailsRequest, context: grpc.ServicerContext) -> pb.ThumbnailsResponse:
         with self._request("GetThumbnails", context) as (engine, record):

@@ -60,6 +60,16 @@ class RetrievalStub:
                 request_serializer=cbmir_dot_v1_dot_retrieval__pb2.ThumbnailsRequest.SerializeToString,
                 response_deserializer=cbmir_dot_v1_dot_retrieval__pb2.ThumbnailsResponse.FromString,
                 _registered_method=True)
+        self.AddImages = channel.stream_unary(
+                '/cbmir.v1.Retrieval/AddImages',
+                request_serializer=cbmir_dot_v1_dot_retrieval__pb2.AddImageRequest.SerializeToString,
+                response_deserializer=cbmir_dot_v1_dot_retrieval__pb2.AddImagesResponse.FromString,
+                _registered_method=True)
+        self.RemoveImages = channel.unary_unary(
+                '/cbmir.v1.Retrieval/RemoveImages',
+                request_serializer=cbmir_dot_v1_dot_retrieval__pb2.RemoveImagesRequest.SerializeToString,
+                response_deserializer=cbmir_dot_v1_dot_retrieval__pb2.RemoveImagesResponse.FromString,
+                _registered_method=True)
 
 
 class RetrievalServicer:
@@ -106,6 +116,22 @@ class RetrievalServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AddImages(self, request_iterator, context):
+        """Ingestion (admin token when tokens are on). The whole stream becomes one new bundle version, written with
+        the atomic, fsynced writer and swapped in before the answer: acknowledged images are durable and searchable.
+        A stream that breaks writes nothing. One result per item: added, duplicate (pixels already indexed) or error
+        (undecodable, or an id already indexed with other pixels); a bad item never fails the others.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveImages(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RetrievalServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -133,6 +159,16 @@ def add_RetrievalServicer_to_server(servicer, server):
                     servicer.GetThumbnails,
                     request_deserializer=cbmir_dot_v1_dot_retrieval__pb2.ThumbnailsRequest.FromString,
                     response_serializer=cbmir_dot_v1_dot_retrieval__pb2.ThumbnailsResponse.SerializeToString,
+            ),
+            'AddImages': grpc.stream_unary_rpc_method_handler(
+                    servicer.AddImages,
+                    request_deserializer=cbmir_dot_v1_dot_retrieval__pb2.AddImageRequest.FromString,
+                    response_serializer=cbmir_dot_v1_dot_retrieval__pb2.AddImagesResponse.SerializeToString,
+            ),
+            'RemoveImages': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveImages,
+                    request_deserializer=cbmir_dot_v1_dot_retrieval__pb2.RemoveImagesRequest.FromString,
+                    response_serializer=cbmir_dot_v1_dot_retrieval__pb2.RemoveImagesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -271,6 +307,60 @@ class Retrieval:
             '/cbmir.v1.Retrieval/GetThumbnails',
             cbmir_dot_v1_dot_retrieval__pb2.ThumbnailsRequest.SerializeToString,
             cbmir_dot_v1_dot_retrieval__pb2.ThumbnailsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddImages(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/cbmir.v1.Retrieval/AddImages',
+            cbmir_dot_v1_dot_retrieval__pb2.AddImageRequest.SerializeToString,
+            cbmir_dot_v1_dot_retrieval__pb2.AddImagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveImages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cbmir.v1.Retrieval/RemoveImages',
+            cbmir_dot_v1_dot_retrieval__pb2.RemoveImagesRequest.SerializeToString,
+            cbmir_dot_v1_dot_retrieval__pb2.RemoveImagesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -51,6 +51,13 @@ class RetrievalStub:
     archive reader that indexed it (folder, zip, npz, DICOM with the bundle's windows). At most
     max_thumbnails ids per call and max_side <= max_thumbnail_side (see IndexInfo).
     """
+    AddImages: _grpc.StreamUnaryMultiCallable[_retrieval_pb2.AddImageRequest, _retrieval_pb2.AddImagesResponse]
+    """Ingestion (admin token when tokens are on). The whole stream becomes one new bundle version, written with
+    the atomic, fsynced writer and swapped in before the answer: acknowledged images are durable and searchable.
+    A stream that breaks writes nothing. One result per item: added, duplicate (pixels already indexed) or error
+    (undecodable, or an id already indexed with other pixels); a bad item never fails the others.
+    """
+    RemoveImages: _grpc.UnaryUnaryMultiCallable[_retrieval_pb2.RemoveImagesRequest, _retrieval_pb2.RemoveImagesResponse]
 
 @_typing.type_check_only
 class RetrievalAsyncStub(RetrievalStub):
@@ -75,6 +82,13 @@ class RetrievalAsyncStub(RetrievalStub):
     archive reader that indexed it (folder, zip, npz, DICOM with the bundle's windows). At most
     max_thumbnails ids per call and max_side <= max_thumbnail_side (see IndexInfo).
     """
+    AddImages: _aio.StreamUnaryMultiCallable[_retrieval_pb2.AddImageRequest, _retrieval_pb2.AddImagesResponse]  # type: ignore[assignment]
+    """Ingestion (admin token when tokens are on). The whole stream becomes one new bundle version, written with
+    the atomic, fsynced writer and swapped in before the answer: acknowledged images are durable and searchable.
+    A stream that breaks writes nothing. One result per item: added, duplicate (pixels already indexed) or error
+    (undecodable, or an id already indexed with other pixels); a bad item never fails the others.
+    """
+    RemoveImages: _aio.UnaryUnaryMultiCallable[_retrieval_pb2.RemoveImagesRequest, _retrieval_pb2.RemoveImagesResponse]  # type: ignore[assignment]
 
 class RetrievalServicer(metaclass=_abc_1.ABCMeta):
     """Content-based retrieval over one index bundle."""
@@ -126,5 +140,24 @@ class RetrievalServicer(metaclass=_abc_1.ABCMeta):
         archive reader that indexed it (folder, zip, npz, DICOM with the bundle's windows). At most
         max_thumbnails ids per call and max_side <= max_thumbnail_side (see IndexInfo).
         """
+
+    @_abc_1.abstractmethod
+    def AddImages(
+        self,
+        request_iterator: _MaybeAsyncIterator[_retrieval_pb2.AddImageRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_retrieval_pb2.AddImagesResponse, _abc.Awaitable[_retrieval_pb2.AddImagesResponse]]:
+        """Ingestion (admin token when tokens are on). The whole stream becomes one new bundle version, written with
+        the atomic, fsynced writer and swapped in before the answer: acknowledged images are durable and searchable.
+        A stream that breaks writes nothing. One result per item: added, duplicate (pixels already indexed) or error
+        (undecodable, or an id already indexed with other pixels); a bad item never fails the others.
+        """
+
+    @_abc_1.abstractmethod
+    def RemoveImages(
+        self,
+        request: _retrieval_pb2.RemoveImagesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_retrieval_pb2.RemoveImagesResponse, _abc.Awaitable[_retrieval_pb2.RemoveImagesResponse]]: ...
 
 def add_RetrievalServicer_to_server(servicer: RetrievalServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
