@@ -195,10 +195,65 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+INGEST_STREAM = 128
+"""Images per AddImages stream of ``cbmir add --target`` (each stream is one new version)."""
+
+
+def _add_over_api(args: argparse.Namespace, archive: Any) -> int:
+    """``cbmir add --target``: stream the archive's files to a running server (npz arrays as pixels)."""
+    import numpy as np
+
+    from cbmir.client import IngestItem
+    from cbmir.index_build.archive import read_archived_bytes
+
+    def items(indices: range) -> Any:
+        for i in indices:
+            entry = archive.entries[i]
+            item_id = args.id_prefix + entry.id
+            if entry.uri.startswith("npz://"):
+                pixels = np.ascontiguousarray(archive.load(i).image, dtype=np.float32)
+                yield IngestItem(item_id, pixels=pixels, metadata=entry.metadata)
+            else:
+                yield IngestItem(item_id, image=read_archived_bytes(entry.uri), metadata=entry.metadata)
+
+    counts = {"added": 0, "duplicate": 0, "error": 0}
+    reply = None
+    with _remote_client(args) as client:
+        for start in range(0, len(archive), INGEST_STREAM):
+            reply = client.add_images(items(range(start, min(start + INGEST_STREAM, len(archive)))))
+            for result in reply.results:
+                counts[result.status] = counts.get(result.status, 0) + 1
+                if result.status == "error":
+                    print(f"error: {result.id}: {result.error}", file=sys.stderr)
+    version = reply.version if reply is not None else "?"
+    print(
+        f"{args.target}: version {version}, {reply.count if reply else '?'} images ({counts['added']} added, "
+        f"{counts['duplicate']} already indexed, {counts['error']} refused)"
+    )
+    return FAILURE if counts["error"] else 0
+
+
+def _remote_client(args: argparse.Namespace) -> Any:
+    from cbmir.client import RetrievalClient
+
+    return RetrievalClient(
+        args.target,
+        timeout=args.timeout,
+        token=os.environ.get("CBMIR_TOKEN") or None,
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+    )
+
+
 def cmd_add(args: argparse.Namespace) -> int:
     from cbmir.index_build import add_to_bundle
 
+    if bool(args.index) == bool(args.target):
+        raise InvalidInputError("pass --index BUNDLE (write the bundle here) or --target HOST:PORT (over the API)")
     archive = _selected_archive(args)
+    if args.target:
+        return _add_over_api(args, archive)
     report = add_to_bundle(
         args.index,
         archive,
@@ -222,6 +277,13 @@ def cmd_remove(args: argparse.Namespace) -> int:
         ids += [line.strip() for line in Path(args.ids_file).read_text().splitlines() if line.strip()]
     if not ids:
         raise InvalidInputError("name the ids to remove with --ids or --ids-file")
+    if bool(args.index) == bool(args.target):
+        raise InvalidInputError("pass --index BUNDLE (write the bundle here) or --target HOST:PORT (over the API)")
+    if args.target:
+        with _remote_client(args) as client:
+            reply = client.remove_images(ids, missing_ok=args.missing_ok)
+        print(f"{args.target}: version {reply.version}, {reply.count} images ({len(reply.removed)} removed)")
+        return 0
     report = remove_from_bundle(args.index, ids, missing_ok=args.missing_ok)
     print(f"{report.path}: {report.count} images ({len(report.removed)} removed)")
     return 0
@@ -405,6 +467,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(Path(args.out), device=args.device)
 
 
+def _add_remote(p: Any) -> None:
+    p.add_argument(
+        "--target",
+        help="HOST:PORT of a running cbmir serve: change its index over the API (admin token "
+        "from CBMIR_TOKEN) instead of writing a bundle",
+    )
+    p.add_argument("--timeout", type=float, default=300.0, help="deadline of each call to the server in seconds")
+    p.add_argument("--tls-ca", help="PEM CA of the server certificate (turns on TLS)")
+    p.add_argument("--tls-cert", help="client certificate for mutual TLS")
+    p.add_argument("--tls-key", help="client key for mutual TLS")
+
+
 def _add_device(p: Any) -> None:
     p.add_argument(
         "--device", default="auto", choices=DEVICE_CHOICES, help="where extractors run (auto: CUDA when present)"
@@ -483,7 +557,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="index more images into a bundle as a new version (nothing re-extracted)",
         formatter_class=HelpFormatter,
     )
-    a.add_argument("--index", required=True, help="bundle directory")
+    a.add_argument("--index", help="bundle directory to write (or --target)")
+    _add_remote(a)
     a.add_argument("--images", required=True, help="folder tree, .zip or .npz of new images")
     a.add_argument("--labels", help="labels CSV for the new images")
     _add_select(a, "add only")
@@ -494,7 +569,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.set_defaults(func=cmd_add)
 
     r = sub.add_parser("remove", help="drop ids from a bundle as a new version", formatter_class=HelpFormatter)
-    r.add_argument("--index", required=True, help="bundle directory")
+    r.add_argument("--index", help="bundle directory to write (or --target)")
+    _add_remote(r)
     r.add_argument("--ids", nargs="+", help="archive ids to remove")
     r.add_argument("--ids-file", help="file with one id per line")
     r.add_argument("--missing-ok", action="store_true", help="ignore ids that are not indexed")

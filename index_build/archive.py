@@ -126,6 +126,21 @@ def decode_archived_bytes(
     return decode_image(data, source=uri, formats=ARCHIVE_FORMATS), {}
 
 
+def read_archived_bytes(uri: str) -> bytes:
+    """The stored bytes behind a ``file://`` or ``zip://PATH!MEMBER`` uri.
+
+    Raises:
+        OSError, KeyError, zipfile.BadZipFile: the file or member is gone or unreadable.
+    """
+    if uri.startswith("file://"):
+        return Path(url2pathname(urlparse(uri).path)).read_bytes()
+    if uri.startswith("zip://"):
+        path, member = uri[len("zip://") :].split("!", 1)
+        with zipfile.ZipFile(path) as zf:
+            return zf.read(member)
+    raise KeyError(f"{uri} is not a file:// or zip:// uri")
+
+
 def read_archived_image(uri: str, windows: DicomWindows = NO_WINDOWS) -> np.ndarray:
     """The image behind a record's uri (``file://``, ``zip://PATH!MEMBER``, ``npz://PATH!SPLIT/ROW``), decoded
     through the same readers that indexed it, as 2-D float32 in [0, 1].
@@ -134,12 +149,8 @@ def read_archived_image(uri: str, windows: DicomWindows = NO_WINDOWS) -> np.ndar
         InvalidInputError: the file is gone, unreadable or not an image any more.
     """
     try:
-        if uri.startswith("file://"):
-            data = Path(url2pathname(urlparse(uri).path)).read_bytes()
-        elif uri.startswith("zip://"):
-            path, member = uri[len("zip://") :].split("!", 1)
-            with zipfile.ZipFile(path) as zf:
-                data = zf.read(member)
+        if uri.startswith(("file://", "zip://")):
+            data = read_archived_bytes(uri)
         elif uri.startswith("npz://"):
             path, key = uri[len("npz://") :].split("!", 1)
             split, row = key.rsplit("/", 1)

@@ -184,3 +184,25 @@ def test_sigkill_during_ingestion_keeps_every_acknowledged_image(hog_bundle: Pat
 @pytest.mark.slow
 def test_twenty_sigkills_during_ingestion(hog_bundle: Path) -> None:
     _kill_during_ingestion(hog_bundle, kills=20)
+
+
+def test_cli_add_and_remove_with_target(hog_bundle: Path, tmp_path: Path, capsys) -> None:
+    folder = tmp_path / "new"
+    folder.mkdir()
+    for archive_id, data in new_images(130, 3):
+        (folder / Path(archive_id).name).write_bytes(data)
+    (folder / "broken.png").write_bytes(b"\x89PNG nothing")
+    running = start_server(ServerConfig(index=str(hog_bundle), port=0, device="cpu"), wait_ready=True)
+    target = f"127.0.0.1:{running.port}"
+    try:
+        assert main(["add", "--target", target, "--images", str(folder), "--id-prefix", "cli/"]) == 1
+        out = capsys.readouterr()
+        assert "3 added, 0 already indexed, 1 refused" in out.out and "cli/broken.png" in out.err
+        assert RetrievalClient(target).index_info().count == 23
+        name = sorted(p.name for p in folder.iterdir() if p.name != "broken.png")[0]
+        assert main(["remove", "--target", target, "--ids", f"cli/{name}"]) == 0
+        assert "22 images (1 removed)" in capsys.readouterr().out
+        assert main(["add", "--images", str(folder)]) == 2  # neither --index nor --target
+        assert "--index BUNDLE" in capsys.readouterr().err
+    finally:
+        running.stop(0)
