@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -53,6 +53,25 @@ def _raising_retrieval_errors() -> Iterator[None]:
         code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
         details = (exc.details() if hasattr(exc, "details") else None) or str(code.name)
         raise RetrievalError(code, details) from exc
+
+
+class SearchOptions(TypedDict, total=False):
+    """Keyword options of the ``search_*`` methods and :func:`build_request` (see retrieval.proto)."""
+
+    k: int
+    method: str
+    rerank: str | None
+    k_prep: int
+    filters: Mapping[str, FilterValue | Sequence[FilterValue]] | None
+    exclude_ids: Iterable[str]
+    include_self: bool
+    rerank_vector: Sequence[float] | np.ndarray | None
+    predict_class: bool
+    min_class_confidence: float
+    group_by: str
+    group_size: int
+    max_distance: float | None
+    offset: int
 
 
 FilterValue = str | int | float | bool
@@ -215,44 +234,57 @@ class RetrievalClient:
         self.stub = pb_grpc.RetrievalStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
 
-    def search(self, request: pb.SearchRequest) -> list[Hit]:
+    def search(self, request: pb.SearchRequest, *, timeout: float | None = None) -> list[Hit]:
         """Hits of one query; the call's trailing metadata (``cbmir-predicted-class``) lands in ``last_trailers``."""
         with _raising_retrieval_errors():
-            stream = self.stub.Search(request, timeout=self.timeout, metadata=self.metadata)
+            stream = self.stub.Search(request, timeout=timeout or self.timeout, metadata=self.metadata)
             hits = [Hit.from_proto(h) for h in stream]
             trailers = stream.trailing_metadata() or ()
         self.last_trailers = {k: v if isinstance(v, str) else v.decode() for k, v in trailers}
         return hits
 
-    def search_image(self, image: bytes, **kwargs: Any) -> list[Hit]:
-        """Hits for an encoded PNG, JPEG or DICOM file."""
-        return self.search(build_request(image=image, **kwargs))
+    def search_image(
+        self, image: bytes, *, timeout: float | None = None, **options: Unpack[SearchOptions]
+    ) -> list[Hit]:
+        """Hits for an encoded PNG, JPEG or DICOM file; ``options`` as :class:`SearchOptions`."""
+        return self.search(build_request(image=image, **options), timeout=timeout)
 
-    def search_pixels(self, pixels: np.ndarray, **kwargs: Any) -> list[Hit]:
-        return self.search(build_request(pixels=pixels, **kwargs))
+    def search_pixels(
+        self, pixels: np.ndarray, *, timeout: float | None = None, **options: Unpack[SearchOptions]
+    ) -> list[Hit]:
+        """Hits for a 2-D uint8, uint16 or float32 pixel array."""
+        return self.search(build_request(pixels=pixels, **options), timeout=timeout)
 
-    def search_id(self, archive_id: str, **kwargs: Any) -> list[Hit]:
-        return self.search(build_request(archive_id=archive_id, **kwargs))
+    def search_id(
+        self, archive_id: str, *, timeout: float | None = None, **options: Unpack[SearchOptions]
+    ) -> list[Hit]:
+        """Hits for an archived image (its stored descriptors; itself excluded unless ``include_self``)."""
+        return self.search(build_request(archive_id=archive_id, **options), timeout=timeout)
 
-    def search_vector(self, vector: Sequence[float] | np.ndarray, **kwargs: Any) -> list[Hit]:
-        return self.search(build_request(vector=vector, **kwargs))
+    def search_vector(
+        self, vector: Sequence[float] | np.ndarray, *, timeout: float | None = None, **options: Unpack[SearchOptions]
+    ) -> list[Hit]:
+        """Hits for a descriptor of ``method`` (``rerank_vector`` too when re-ranking)."""
+        return self.search(build_request(vector=vector, **options), timeout=timeout)
 
-    def search_batch(self, requests: Sequence[pb.SearchRequest]) -> list[list[Hit]]:
+    def search_batch(self, requests: Sequence[pb.SearchRequest], *, timeout: float | None = None) -> list[list[Hit]]:
         """Hits per request, in request order."""
         out: list[list[Hit]] = [[] for _ in requests]
         with _raising_retrieval_errors():
             for result in self.stub.SearchBatch(
-                pb.SearchBatchRequest(queries=list(requests)), timeout=self.timeout, metadata=self.metadata
+                pb.SearchBatchRequest(queries=list(requests)), timeout=timeout or self.timeout, metadata=self.metadata
             ):
                 out[result.query_index] = [Hit.from_proto(h) for h in result.hits]
         return out
 
-    def index_info(self) -> pb.IndexInfo:
+    def index_info(self, *, timeout: float | None = None) -> pb.IndexInfo:
         """Count, methods, filter fields, limits and version of the served index."""
         with _raising_retrieval_errors():
-            return self.stub.GetIndexInfo(pb.GetIndexInfoRequest(), timeout=self.timeout, metadata=self.metadata)
+            return self.stub.GetIndexInfo(
+                pb.GetIndexInfoRequest(), timeout=timeout or self.timeout, metadata=self.metadata
+            )
 
-    def add_images(self, items: Iterable[IngestItem]) -> pb.AddImagesResponse:
+    def add_images(self, items: Iterable[IngestItem], *, timeout: float | None = None) -> pb.AddImagesResponse:
         """Stream images into the index (admin token): one durable version, one result per item, in order."""
 
         def requests() -> Iterator[pb.AddImageRequest]:
@@ -265,22 +297,28 @@ class RetrievalClient:
                 yield request
 
         with _raising_retrieval_errors():
-            return self.stub.AddImages(requests(), timeout=self.timeout, metadata=self.metadata)
+            return self.stub.AddImages(requests(), timeout=timeout or self.timeout, metadata=self.metadata)
 
-    def remove_images(self, ids: Sequence[str], *, missing_ok: bool = False) -> pb.RemoveImagesResponse:
+    def remove_images(
+        self, ids: Sequence[str], *, missing_ok: bool = False, timeout: float | None = None
+    ) -> pb.RemoveImagesResponse:
         """Remove archive ids from the index (admin token); a new version is served before the answer."""
         with _raising_retrieval_errors():
             return self.stub.RemoveImages(
                 pb.RemoveImagesRequest(ids=list(ids), missing_ok=missing_ok),
-                timeout=self.timeout,
+                timeout=timeout or self.timeout,
                 metadata=self.metadata,
             )
 
-    def thumbnails(self, ids: Sequence[str], max_side: int = 128) -> list[pb.Thumbnail]:
+    def thumbnails(
+        self, ids: Sequence[str], max_side: int = 128, *, timeout: float | None = None
+    ) -> list[pb.Thumbnail]:
         """PNG previews of archived images by id, in order; an item whose image cannot be read carries ``error``."""
         with _raising_retrieval_errors():
             response = self.stub.GetThumbnails(
-                pb.ThumbnailsRequest(ids=list(ids), max_side=max_side), timeout=self.timeout, metadata=self.metadata
+                pb.ThumbnailsRequest(ids=list(ids), max_side=max_side),
+                timeout=timeout or self.timeout,
+                metadata=self.metadata,
             )
         return list(response.thumbnails)
 
@@ -291,15 +329,17 @@ class RetrievalClient:
 
         return dict(json.loads(self.last_trailers.get("cbmir-timings-ms", "{}")))
 
-    def reload(self) -> pb.ReloadResponse:
+    def reload(self, *, timeout: float | None = None) -> pb.ReloadResponse:
         """Ask the server to swap in the bundle's live version (admin token needed when tokens are set)."""
         with _raising_retrieval_errors():
-            return self.stub.Reload(pb.ReloadRequest(), timeout=self.timeout, metadata=self.metadata)
+            return self.stub.Reload(pb.ReloadRequest(), timeout=timeout or self.timeout, metadata=self.metadata)
 
-    def health(self, service: str = "") -> str:
+    def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """``SERVING``, ``NOT_SERVING`` or ``UNKNOWN``."""
         with _raising_retrieval_errors():
-            resp = self.health_stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout)
+            resp = self.health_stub.Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout or self.timeout
+            )
         return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
 
     def close(self) -> None:

@@ -225,6 +225,19 @@ class RetrievalService(pb_grpc.RetrievalServicer):
             max_batch=self.config.max_batch,
             max_thumbnails=self.config.max_thumbnails,
             max_thumbnail_side=self.config.max_thumbnail_side,
+            capabilities=[
+                "group_by",
+                "max_distance",
+                "offset",
+                "thumbnails",
+                "ingest",
+                "remove",
+                "reload",
+                *(["predict_class"] if any(engine.extractor(m).can_classify for m in engine.methods) else []),
+            ],
+            max_group_size=self.config.max_group_size,
+            max_offset=self.config.max_offset,
+            max_ingest_items=self.config.max_ingest_items,
         )
 
     # ------------------------------------------------------------------------------------------ helpers

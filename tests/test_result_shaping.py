@@ -127,3 +127,14 @@ def _nan_request(query: str):
     request = pb.SearchRequest(archive_id=query, k=3)
     request.max_distance = float("nan")
     return request
+
+
+def test_index_info_reports_the_capabilities_and_limits(small_bundle: Path) -> None:
+    running = start_server(ServerConfig(index=str(small_bundle), port=0, device="cpu", max_offset=500), wait_ready=True)
+    try:
+        info = RetrievalClient(f"127.0.0.1:{running.port}").index_info(timeout=5)
+        assert {"group_by", "max_distance", "offset", "thumbnails", "ingest", "remove"} <= set(info.capabilities)
+        assert "predict_class" not in info.capabilities  # no fine-tuned head in this bundle
+        assert (info.max_group_size, info.max_offset, info.max_ingest_items) == (100, 500, 1000)
+    finally:
+        running.stop(0)

@@ -375,6 +375,10 @@ class IndexInfo(_message.Message):
     MAX_BATCH_FIELD_NUMBER: _builtins.int
     MAX_THUMBNAILS_FIELD_NUMBER: _builtins.int
     MAX_THUMBNAIL_SIDE_FIELD_NUMBER: _builtins.int
+    CAPABILITIES_FIELD_NUMBER: _builtins.int
+    MAX_GROUP_SIZE_FIELD_NUMBER: _builtins.int
+    MAX_OFFSET_FIELD_NUMBER: _builtins.int
+    MAX_INGEST_ITEMS_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     count: _builtins.int
     created: _builtins.str
@@ -388,10 +392,18 @@ class IndexInfo(_message.Message):
     """ids per GetThumbnails call"""
     max_thumbnail_side: _builtins.int
     """largest thumbnail side in pixels"""
+    max_group_size: _builtins.int
+    """ingest, remove, reload, predict_class (when a method can classify)"""
+    max_offset: _builtins.int
+    max_ingest_items: _builtins.int
     @_builtins.property
     def methods(self) -> _containers.RepeatedCompositeFieldContainer[Global___MethodInfo]: ...
     @_builtins.property
     def filter_fields(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """what this server answers: group_by, max_distance, offset, thumbnails,"""
+
     def __init__(
         self,
         *,
@@ -407,10 +419,14 @@ class IndexInfo(_message.Message):
         max_batch: _builtins.int = ...,
         max_thumbnails: _builtins.int = ...,
         max_thumbnail_side: _builtins.int = ...,
+        capabilities: _abc.Iterable[_builtins.str] | None = ...,
+        max_group_size: _builtins.int = ...,
+        max_offset: _builtins.int = ...,
+        max_ingest_items: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["build_json", b"build_json", "cbmir_version", b"cbmir_version", "count", b"count", "created", b"created", "default_method", b"default_method", "filter_fields", b"filter_fields", "max_batch", b"max_batch", "max_k", b"max_k", "max_thumbnail_side", b"max_thumbnail_side", "max_thumbnails", b"max_thumbnails", "methods", b"methods", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["build_json", b"build_json", "capabilities", b"capabilities", "cbmir_version", b"cbmir_version", "count", b"count", "created", b"created", "default_method", b"default_method", "filter_fields", b"filter_fields", "max_batch", b"max_batch", "max_group_size", b"max_group_size", "max_ingest_items", b"max_ingest_items", "max_k", b"max_k", "max_offset", b"max_offset", "max_thumbnail_side", b"max_thumbnail_side", "max_thumbnails", b"max_thumbnails", "methods", b"methods", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
