@@ -160,3 +160,32 @@ def test_evaluation_view_lists_classes_and_worst_queries(page_url, browser) -> N
     assert len(rows) == 1 + 3  # header + Chest, Knee, Abdomen
     assert len(page.query_selector_all(".row")) == 12 and len(page.query_selector_all(".cell.query")) == 12
     page.close()
+
+
+def test_group_by_and_distance_cut_off_from_the_page(page_url, browser) -> None:
+    url, target = page_url
+    page = browser.new_page()
+    page.goto(url)
+    page.wait_for_selector("#group-by option[value=patient_id]", state="attached")
+    page.fill("#k", "5")
+    page.select_option("#group-by", "patient_id")
+    page.fill("#group-size", "2")
+    image = UNIFESP / "images" / "00003.png"
+    page.set_input_files("#file", str(image))
+    page.wait_for_selector(".hit")
+    direct = RetrievalClient(target, token=TOKEN).search_image(
+        image.read_bytes(), k=5, method="hog", group_by="patient_id", group_size=2
+    )
+    assert [c.get_attribute("data-id") for c in page.query_selector_all(".hit")] == [h.id for h in direct]
+    assert [g.inner_text() for g in page.query_selector_all(".hit .group")] == [h.group for h in direct]
+    cut = direct[2].distance
+    page.select_option("#group-by", "")
+    page.fill("#max-distance", f"{cut:.6f}")
+    page.fill("#k", "50")
+    with page.expect_response(lambda r: r.url.endswith("/api/search")):
+        page.click("#search")
+    page.wait_for_function("document.querySelectorAll('.hit .group').length === 0")
+    within = RetrievalClient(target, token=TOKEN).search_image(image.read_bytes(), k=50, method="hog", max_distance=cut)
+    assert [c.get_attribute("data-id") for c in page.query_selector_all(".hit")] == [h.id for h in within]
+    assert all(h.distance <= cut for h in within) and len(within) < 50
+    page.close()

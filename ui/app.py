@@ -91,6 +91,9 @@ def create_app(client: RetrievalClient, config: UiConfig | None = None) -> FastA
             "method": str(form.get("method") or ""),
             "rerank": str(form.get("rerank") or "") or None,
             "k_prep": int(str(form.get("k_prep") or 0)),
+            "group_by": str(form.get("group_by") or ""),
+            "group_size": int(str(form.get("group_size") or 0)),
+            "max_distance": float(str(form.get("max_distance"))) if form.get("max_distance") else None,
         }
         try:
             filters = json.loads(str(form.get("filters") or "{}"))
@@ -115,7 +118,10 @@ def create_app(client: RetrievalClient, config: UiConfig | None = None) -> FastA
         return JSONResponse(
             {
                 "query": query,
-                "hits": [{"id": h.id, "rank": h.rank, "distance": h.distance, "metadata": h.metadata} for h in hits],
+                "hits": [
+                    {"id": h.id, "rank": h.rank, "distance": h.distance, "group": h.group, "metadata": h.metadata}
+                    for h in hits
+                ],
                 "timings_ms": client.last_timings_ms,
             }
         )
