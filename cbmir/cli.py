@@ -378,10 +378,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     doc["config"]["command"] = " ".join(["cbmir", *sys.argv[1:]])
+    if args.study_field:
+        from cbmir.evaluation.protocols import evaluate_studies
+
+        relevance = _csv(args.relevance)[0]
+        doc["studies"] = [
+            evaluate_studies(bundle, m, args.study_field, relevance, device=args.device)
+            for m in methods
+            if "+" not in m
+        ]
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(doc, indent=2))
     print(_markdown_table(doc["results"]))
+    for study in doc.get("studies", []):
+        figures = ", ".join(f"{name} {value:.4f}" for name, value in study["seed_mAP"].items())
+        print(f"study queries ({study['method']}, {study['studies']} studies by {study['study_field']}): {figures}")
     return 0
 
 
@@ -601,6 +613,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--relevance", default="label", help="comma-separated fields; a&b needs both to match")
     e.add_argument("--exclude-same", help="never retrieve images sharing this field with the query (patient_id)")
     e.add_argument("--json", help="write the result document here")
+    e.add_argument(
+        "--study-field",
+        help="also compare study queries (all images of one FIELD value and label, "
+        "fused) with single images, e.g. patient_id",
+    )
     _add_device(e)
     _add_no_progress(e)
     cv = e.add_argument_group("group k-fold cross-validation (fine-tunes per fold; no bundle needed)")

@@ -72,6 +72,7 @@ class SearchOptions(TypedDict, total=False):
     group_size: int
     max_distance: float | None
     offset: int
+    fusion: str
 
 
 FilterValue = str | int | float | bool
@@ -110,6 +111,7 @@ def build_request(
     pixels: np.ndarray | None = None,
     archive_id: str | None = None,
     vector: Sequence[float] | np.ndarray | None = None,
+    study_images: Sequence[bytes] | None = None,
     k: int = 10,
     method: str = "",
     rerank: str | None = None,
@@ -124,6 +126,7 @@ def build_request(
     group_size: int = 0,
     max_distance: float | None = None,
     offset: int = 0,
+    fusion: str = "",
 ) -> pb.SearchRequest:
     """A ``SearchRequest`` with exactly one query kind set.
 
@@ -150,6 +153,7 @@ def build_request(
         group_by=group_by,
         group_size=group_size,
         offset=offset,
+        fusion=fusion,
     )
     if max_distance is not None:
         req.max_distance = max_distance
@@ -169,6 +173,8 @@ def build_request(
         req.archive_id = archive_id
     elif vector is not None:
         req.vector.values.extend(_floats(vector))
+    elif study_images is not None:
+        req.study_images.extend(study_images)
     if rerank_vector is not None:
         req.rerank_vector.values.extend(_floats(rerank_vector))
     return req
@@ -266,6 +272,12 @@ class RetrievalClient:
     ) -> list[Hit]:
         """Hits for a descriptor of ``method`` (``rerank_vector`` too when re-ranking)."""
         return self.search(build_request(vector=vector, **options), timeout=timeout)
+
+    def search_study(
+        self, images: Sequence[bytes], *, timeout: float | None = None, **options: Unpack[SearchOptions]
+    ) -> list[Hit]:
+        """Hits for several images of one study at once (``fusion``: ``min``, the default, or ``rrf``)."""
+        return self.search(build_request(study_images=images, **options), timeout=timeout)
 
     def search_batch(self, requests: Sequence[pb.SearchRequest], *, timeout: float | None = None) -> list[list[Hit]]:
         """Hits per request, in request order."""

@@ -257,3 +257,57 @@ def evaluate(
             "platform": platform.platform(),
         },
     }
+
+
+def evaluate_studies(
+    bundle: Bundle,
+    method: str,
+    study_field: str,
+    relevance: str = "label",
+    *,
+    fusions: Sequence[str] = ("rrf", "min"),
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Study queries against single images: each study (images sharing ``study_field`` and the ``relevance`` label,
+    e.g. a patient's views of one body part) queries the archive minus its ``study_field`` group once with all its
+    images (fused), and once per image; seed mAP is averaged over studies so both weigh each study alike.
+    """
+    from cbmir.server.fusion import fused_search
+
+    engine = SearchEngine(bundle, device=device)
+    descriptors = bundle.methods[method].descriptors
+    for name in (study_field, relevance):
+        if name not in bundle.metadata:
+            raise InvalidInputError(f"field {name!r} is not in the bundle's metadata: {sorted(bundle.metadata)}")
+    groups = np.asarray(bundle.metadata[study_field], dtype=object).astype(str)
+    labels = np.asarray(bundle.metadata[relevance], dtype=object).astype(str)
+    studies: dict[tuple[str, str], list[int]] = {}
+    for row, (g, label) in enumerate(zip(groups, labels)):
+        if g and label:
+            studies.setdefault((g, label), []).append(row)
+    studies = {key: rows for key, rows in studies.items() if len(rows) >= 2}
+    if not studies:
+        raise InvalidInputError(f"no study has two or more images sharing {study_field} and {relevance}")
+    scores: dict[str, list[float]] = {"single image": [], **{f"study ({f})": [] for f in fusions}}
+    for (group, label), rows in studies.items():
+        excluded = np.flatnonzero(groups == group)
+        single = engine.search(method, descriptors[rows], K, exclude=[excluded] * len(rows))
+        scores["single image"].append(seed_map(_relevant(single.rows, labels, label)))
+        for fusion in fusions:
+            fused, _ = fused_search(engine, method, descriptors[rows], K, fusion, exclude=excluded)
+            scores[f"study ({fusion})"].append(seed_map(_relevant(fused[None, :], labels, label)))
+    return {
+        "method": method,
+        "study_field": study_field,
+        "relevance": relevance,
+        "studies": len(studies),
+        "images": int(sum(len(r) for r in studies.values())),
+        "seed_mAP": {name: round(float(np.mean(values)), 4) for name, values in scores.items()},
+    }
+
+
+def _relevant(rows: np.ndarray, labels: np.ndarray, label: str) -> np.ndarray:
+    """(Q, K) relevance of ranked rows to ``label``; missing slots count as irrelevant."""
+    padded = np.full((rows.shape[0], K), -1, np.int64)
+    padded[:, : min(K, rows.shape[1])] = rows[:, :K]
+    return np.where(padded >= 0, labels[np.maximum(padded, 0)] == label, False)

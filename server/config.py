@@ -32,6 +32,7 @@ class ServerConfig:
     max_group_size: int = field(default=100, metadata=option("most hits per group with group_by"))
     max_offset: int = field(default=10_000, metadata=option("deepest page start (offset) of a ranking"))
     max_ingest_items: int = field(default=1000, metadata=option("most images in one AddImages stream"))
+    max_study_images: int = field(default=32, metadata=option("most images in one study query"))
     max_batch: int = field(default=64, metadata=option("most queries in one SearchBatch"))
     max_thumbnails: int = field(default=64, metadata=option("most ids in one GetThumbnails call"))
     max_thumbnail_side: int = field(default=512, metadata=option("largest thumbnail side in pixels"))

@@ -12,6 +12,7 @@ from cbmir.timing import stage
 from cbmir.v1 import retrieval_pb2 as pb
 
 from .config import DEFAULT_K, ServerConfig
+from .fusion import FUSIONS
 from .result_shaping import Shaping
 from .search_engine import SearchEngine
 
@@ -35,6 +36,8 @@ class QueryPlan:
     probabilities: np.ndarray | None = None
     predicted_class: str = ""
     shaping: Shaping = Shaping()
+    study_images: list[np.ndarray] | None = None
+    fusion: str = "min"
 
 
 MAX_NAME_CHARS = 128
@@ -109,8 +112,12 @@ def plan_query(engine: SearchEngine, request: pb.SearchRequest, config: ServerCo
     kind = request.WhichOneof("query")
     filter_key = tuple(sorted((f, tuple(sorted(set(v)))) for f, v in filters.items()))
     plan = QueryPlan(kind or "", method, k, rerank, k_prep, allowed, filter_key, np.zeros(0, np.int64))
+    if kind is None and request.study_images:
+        return _study_plan(engine, request, config, plan)
+    if request.study_images:
+        raise InvalidInputError(f"study_images replace the query: leave {kind} unset")
     if kind is None:
-        raise InvalidInputError("empty request: set one of image, pixels, archive_id or vector")
+        raise InvalidInputError("empty request: set one of image, pixels, archive_id, vector or study_images")
     if kind == "image":
         with stage("decode"):
             plan.image = engine.decode(request.image, max_pixels=config.max_pixels)
@@ -149,6 +156,29 @@ def plan_query(engine: SearchEngine, request: pb.SearchRequest, config: ServerCo
         plan.min_class_confidence = confidence
     plan.exclude = np.asarray(sorted(set(exclude)), dtype=np.int64)
     plan.shaping = _shaping(engine, request, config, plan)
+    return plan
+
+
+def _study_plan(engine: SearchEngine, request: pb.SearchRequest, config: ServerConfig, plan: QueryPlan) -> QueryPlan:
+    """A study query: its images decoded, the fusion checked; re-ranking, shaping and class prediction refused."""
+    if len(request.study_images) > config.max_study_images:
+        raise InvalidInputError(
+            f"{len(request.study_images)} study images exceed the limit of {config.max_study_images}"
+        )
+    fusion = request.fusion or "min"
+    if fusion not in FUSIONS:
+        raise InvalidInputError(f"fusion must be one of {', '.join(FUSIONS)}, got {shown(fusion)}")
+    if plan.rerank or request.predict_class or request.group_by or request.offset or request.HasField("max_distance"):
+        raise InvalidInputError("study queries take k, method, filters and exclude_ids only")
+    with stage("decode"):
+        plan.study_images = [
+            engine.decode(data, source=f"study image {i}", max_pixels=config.max_pixels)
+            for i, data in enumerate(request.study_images)
+        ]
+    plan.kind, plan.fusion = "study", fusion
+    plan.exclude = np.asarray(
+        sorted({engine.bundle.row_of[i] for i in request.exclude_ids if i in engine.bundle.row_of}), dtype=np.int64
+    )
     return plan
 
 

@@ -16,13 +16,14 @@ import numpy as np
 from cbmir.errors import BundleError, CbmirError, InvalidInputError, NotFoundError, NotReadyError
 from cbmir.index_build.bundle import load_bundle, resolve_version_dir
 from cbmir.index_build.update import remove_from_bundle
-from cbmir.timing import add_stages
+from cbmir.timing import add_stages, stage
 from cbmir.v1 import retrieval_pb2 as pb
 from cbmir.v1 import retrieval_pb2_grpc as pb_grpc
 
 from .admission import Admission, RequestScope, check_active
 from .batching import MicroBatcher
 from .config import ServerConfig
+from .fusion import fused_search
 from .ingestion import ingest
 from .planning import QueryPlan, default_method, plan_query
 from .result_shaping import ShapedHits, shaped_search
@@ -268,6 +269,9 @@ class RetrievalService(pb_grpc.RetrievalServicer):
         needed: dict[str, list[tuple[QueryPlan, str]]] = {}
         images: dict[str, list[np.ndarray]] = {}
         for plan in plans:
+            if plan.study_images is not None:
+                plan.vector = engine.describe(plan.method, plan.study_images)
+                continue
             if plan.image is None:
                 continue
             if plan.min_class_confidence is not None:
@@ -301,6 +305,14 @@ class RetrievalService(pb_grpc.RetrievalServicer):
         answers: list[ShapedHits] = [ShapedHits([], [], [], [])] * len(plans)
         groups: dict[tuple[Any, ...], list[int]] = {}
         for i, p in enumerate(plans):
+            if p.study_images is not None and p.vector is not None:
+                with stage("search"):
+                    rows, dists = fused_search(
+                        engine, p.method, p.vector, p.k, p.fusion, allowed=p.allowed, exclude=p.exclude
+                    )
+                answers[i] = ShapedHits(rows.tolist(), dists.tolist(), list(range(1, len(rows) + 1)), [""] * len(rows))
+                self.stats.add("searches")
+                continue
             key = (p.method, p.rerank, p.k, p.k_prep, p.filter_key, p.min_class_confidence, p.shaping)
             groups.setdefault(key, []).append(i)
         for members in groups.values():

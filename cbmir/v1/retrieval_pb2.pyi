@@ -118,6 +118,8 @@ class SearchRequest(_message.Message):
     GROUP_SIZE_FIELD_NUMBER: _builtins.int
     MAX_DISTANCE_FIELD_NUMBER: _builtins.int
     OFFSET_FIELD_NUMBER: _builtins.int
+    STUDY_IMAGES_FIELD_NUMBER: _builtins.int
+    FUSION_FIELD_NUMBER: _builtins.int
     image: _builtins.bytes
     """PNG, JPEG or DICOM file bytes, detected from content"""
     archive_id: _builtins.str
@@ -149,6 +151,10 @@ class SearchRequest(_message.Message):
     """only hits at most this far (fewer than k is fine)"""
     offset: _builtins.int
     """skip this many hits (groups with group_by): pages of a stable ranking,"""
+    fusion: _builtins.str
+    """JPEG or DICOM; their rankings are fused
+    study queries: "min" (default; smallest distance to any image) or "rrf"
+    """
     @_builtins.property
     def pixels(self) -> Global___PixelArray:
         """a decoded grayscale image"""
@@ -166,6 +172,12 @@ class SearchRequest(_message.Message):
     @_builtins.property
     def rerank_vector(self) -> Global___Vector:
         """vector queries with rerank: the query's descriptor for `rerank`"""
+
+    @_builtins.property
+    def study_images(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """ties broken by id
+        instead of `query`: several images of one study (views, slices), PNG,
+        """
 
     def __init__(
         self,
@@ -188,10 +200,12 @@ class SearchRequest(_message.Message):
         group_size: _builtins.int = ...,
         max_distance: _builtins.float | None = ...,
         offset: _builtins.int = ...,
+        study_images: _abc.Iterable[_builtins.bytes] | None = ...,
+        fusion: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_distance", b"_max_distance", "archive_id", b"archive_id", "image", b"image", "max_distance", b"max_distance", "pixels", b"pixels", "query", b"query", "rerank_vector", b"rerank_vector", "vector", b"vector"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_distance", b"_max_distance", "archive_id", b"archive_id", "exclude_ids", b"exclude_ids", "filters", b"filters", "group_by", b"group_by", "group_size", b"group_size", "image", b"image", "include_self", b"include_self", "k", b"k", "k_prep", b"k_prep", "max_distance", b"max_distance", "method", b"method", "min_class_confidence", b"min_class_confidence", "offset", b"offset", "pixels", b"pixels", "predict_class", b"predict_class", "query", b"query", "rerank", b"rerank", "rerank_vector", b"rerank_vector", "vector", b"vector"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_distance", b"_max_distance", "archive_id", b"archive_id", "exclude_ids", b"exclude_ids", "filters", b"filters", "fusion", b"fusion", "group_by", b"group_by", "group_size", b"group_size", "image", b"image", "include_self", b"include_self", "k", b"k", "k_prep", b"k_prep", "max_distance", b"max_distance", "method", b"method", "min_class_confidence", b"min_class_confidence", "offset", b"offset", "pixels", b"pixels", "predict_class", b"predict_class", "query", b"query", "rerank", b"rerank", "rerank_vector", b"rerank_vector", "study_images", b"study_images", "vector", b"vector"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_distance: _TypeAlias = _typing.Literal["max_distance"]  # noqa: Y015
     _WhichOneofArgType__max_distance: _TypeAlias = _typing.Literal["_max_distance", b"_max_distance"]  # noqa: Y015
