@@ -9,7 +9,8 @@ Served over HTTP at ``/metrics`` by ``cbmir serve --metrics-port P``. Names:
   admission control (``overload``);
 - ``cbmir_micro_batch_images{method}``: histogram of images described per micro-batch;
 - ``cbmir_index_images``, ``cbmir_index_info{version}``: the live version's size and name;
-- ``cbmir_reloads_total{result}``: version swaps (``changed``, ``unchanged``, ``failed``).
+- ``cbmir_reloads_total{result}``: version swaps (``changed``, ``unchanged``, ``failed``);
+- ``cbmir_ingested_images_total{status}``: items of AddImages streams (``added``, ``duplicate``, ``error``).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class ServerMetrics:
         self.index_images = Gauge("cbmir_index_images", "Images in the served version", registry=r)
         self.index_info = Gauge("cbmir_index_info", "The served version (value 1)", ["version"], registry=r)
         self.reloads = Counter("cbmir_reloads", "Version swaps", ["result"], registry=r)
+        self.ingested = Counter("cbmir_ingested_images", "Images of AddImages streams", ["status"], registry=r)
 
     def finished(self, rpc: str, method: str, code: str, stages_ms: Mapping[str, float]) -> None:
         """Count one finished request and observe its stage times (milliseconds, ``total`` included)."""

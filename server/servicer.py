@@ -176,6 +176,8 @@ class RetrievalService(pb_grpc.RetrievalServicer):
             if report is not None and report.added:
                 self.load()  # the new version is durable on disk; serve it before acknowledging
             record.update(items=len(results), added=sum(r.status == "added" for r in results))
+            for result in results:
+                self.metrics.ingested.labels(status=result.status).inc()
         live = self._engine()
         return pb.AddImagesResponse(results=results, version=live.bundle.version, count=len(live.bundle))
 

@@ -138,6 +138,10 @@ requests = st.builds(
     include_self=st.booleans(),
     predict_class=st.booleans(),
     min_class_confidence=finite_or_not,
+    group_by=st.sampled_from(["", "patient_id", "label", "nope", "x" * 300]),
+    group_size=st.integers(0, 2**32 - 1),
+    offset=st.integers(0, 2**32 - 1),
+    fusion=st.sampled_from(["", "min", "rrf", "avg"]),
 )
 
 
@@ -148,6 +152,8 @@ REQUEST_CASES = given(
         st.builds(lambda p: {"pixels": p}, pixel_arrays),
         st.builds(lambda s: {"archive_id": s}, st.one_of(st.text(max_size=30), st.just("images/00000.png"))),
         st.builds(lambda s: {"archive_id": s}, st.text(min_size=1000, max_size=30_000)),
+        st.builds(lambda d, s: {"archive_id": s, "max_distance": d}, finite_or_not, st.just("images/00000.png")),
+        st.builds(lambda imgs: {"study_images": imgs}, st.lists(st.binary(max_size=64), max_size=40)),
         st.just({}),
     ),
 )
@@ -156,7 +162,11 @@ REQUEST_CASES = given(
 def _check_malformed_request(fuzz_target, request: pb.SearchRequest, query: dict) -> None:
     _, stub, _ = fuzz_target
     for field, value in query.items():
-        if isinstance(value, str):
+        if field == "max_distance":
+            request.max_distance = value
+        elif field == "study_images":
+            request.study_images.extend(value)
+        elif isinstance(value, str):
             setattr(request, field, value)
         else:
             getattr(request, field).CopyFrom(value)

@@ -206,3 +206,22 @@ def test_cli_add_and_remove_with_target(hog_bundle: Path, tmp_path: Path, capsys
         assert "--index BUNDLE" in capsys.readouterr().err
     finally:
         running.stop(0)
+
+
+def test_a_stream_that_breaks_mid_way_writes_nothing(hog_bundle: Path) -> None:
+    running = start_server(ServerConfig(index=str(hog_bundle), port=0, device="cpu"), wait_ready=True)
+    try:
+        client = RetrievalClient(f"127.0.0.1:{running.port}")
+        version = client.index_info().version
+
+        def breaking():
+            for archive_id, data in new_images(140, 2):
+                yield IngestItem(archive_id, image=data)
+            raise RuntimeError("the client died mid-stream")
+
+        with pytest.raises((grpc.RpcError, RuntimeError)):
+            client.add_images(breaking())
+        time.sleep(0.5)  # let the server notice the cancelled stream
+        assert client.index_info().version == version and len(load_bundle(hog_bundle)) == 20
+    finally:
+        running.stop(0)
