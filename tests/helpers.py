@@ -5,6 +5,9 @@ from __future__ import annotations
 import csv
 import io
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -71,3 +74,29 @@ def real_png(seed: int) -> bytes:
     buf = io.BytesIO()
     Image.fromarray((rng.random((48, 40)) * 255).astype(np.uint8)).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def serve_subprocess(bundle: Path, timeout: float = 120.0) -> tuple[subprocess.Popen[str], str]:
+    """A real ``cbmir serve`` process on a free port, returned once its health is SERVING: (process, target)."""
+    import grpc
+
+    from cbmir.client import RetrievalClient
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cbmir.cli", "serve", "--index", str(bundle), "--port", "0", "--device", "cpu"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    target = proc.stdout.readline().strip().rsplit(" on ", 1)[1]  # type: ignore[union-attr]
+    client = RetrievalClient(target, timeout=timeout)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if client.health() == "SERVING":
+                return proc, target
+        except grpc.RpcError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    raise AssertionError(f"cbmir serve --index {bundle} never became SERVING")

@@ -5,8 +5,6 @@ from __future__ import annotations
 import csv
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -20,7 +18,7 @@ from cbmir.client import IngestItem, RetrievalClient
 from cbmir.index_build import build_bundle, load_bundle, open_archive
 from cbmir.server.config import ServerConfig
 from cbmir.server.startup import start_server
-from tests.helpers import UNIFESP, require
+from tests.helpers import UNIFESP, require, serve_subprocess
 
 
 def unifesp_rows() -> list[dict[str, str]]:
@@ -114,26 +112,6 @@ def test_ingestion_needs_an_admin_token(hog_bundle: Path, tmp_path: Path) -> Non
         running.stop(0)
 
 
-def _serve(bundle: Path) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cbmir.cli", "serve", "--index", str(bundle), "--port", "0", "--device", "cpu"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    target = proc.stdout.readline().strip().rsplit(" on ", 1)[1]  # type: ignore[union-attr]
-    client = RetrievalClient(target, timeout=60)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if client.health() == "SERVING":
-                return proc, target
-        except grpc.RpcError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError("the server never became SERVING")
-
-
 def _kill_during_ingestion(bundle: Path, kills: int) -> None:
     rng = np.random.default_rng(int(os.environ.get("CBMIR_KILL_SEED", "11")))
     images = new_images(200, 4 * kills + 8)
@@ -141,7 +119,7 @@ def _kill_during_ingestion(bundle: Path, kills: int) -> None:
     acknowledged: dict[str, bytes] = {}
     cursor = 0
     for _ in range(kills):
-        proc, target = _serve(bundle)
+        proc, target = serve_subprocess(bundle)
         stop = threading.Event()
 
         def feed(target: str = target, stop: threading.Event = stop) -> None:
@@ -166,7 +144,7 @@ def _kill_during_ingestion(bundle: Path, kills: int) -> None:
         assert main(["info", "--index", str(bundle)]) == 0  # the live version loads and verifies
         ids = set(load_bundle(bundle).ids)
         assert ids - set(load_bundle(bundle).ids[:20]) <= sent  # whole images only: nothing half-present
-    proc, target = _serve(bundle)
+    proc, target = serve_subprocess(bundle)
     try:
         client = RetrievalClient(target, timeout=60)
         assert acknowledged, "no stream was acknowledged before the kills"

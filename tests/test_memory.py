@@ -8,9 +8,6 @@ adaptive mmap threshold made it drift by 57 MiB over 8 rounds before the server 
 from __future__ import annotations
 
 import io
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,6 +18,7 @@ import pytest
 from PIL import Image
 
 from cbmir.client import RetrievalClient, build_request
+from tests.helpers import serve_subprocess
 
 ROUNDS = 5
 BOUND_MIB = 40
@@ -51,23 +49,9 @@ def requests_mix(seed: int = 0) -> list:
 
 @pytest.mark.slow
 def test_server_rss_stays_within_its_bound_after_the_first_round(small_bundle: Path) -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cbmir.cli", "serve", "--index", str(small_bundle), "--port", "0", "--device", "cpu"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
+    proc, target = serve_subprocess(small_bundle)
     try:
-        target = proc.stdout.readline().strip().rsplit(" on ", 1)[1]  # type: ignore[union-attr]
         client = RetrievalClient(target, timeout=120)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if client.health() == "SERVING":
-                    break
-            except grpc.RpcError:
-                pass
-            time.sleep(0.2)
         load = requests_mix()
 
         def send(request) -> None:
