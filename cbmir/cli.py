@@ -421,12 +421,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_query(args: argparse.Namespace) -> int:
-    from cbmir.client import RetrievalClient, format_hits
+    from cbmir.client import format_hits
 
-    token = os.environ.get("CBMIR_TOKEN") or None
-    with RetrievalClient(
-        args.target, timeout=args.timeout, token=token, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key
-    ) as client:
+    with _remote_client(args) as client:
         hits = client.search_image(
             Path(args.image).read_bytes(),
             k=args.k,
@@ -453,7 +450,6 @@ def cmd_query(args: argparse.Namespace) -> int:
 def cmd_ui(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from cbmir.client import RetrievalClient
     from cbmir.ui.app import UiConfig, create_app
 
     eval_doc = None
@@ -462,10 +458,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
             eval_doc = json.loads(Path(args.eval).read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise InvalidInputError(f"--eval {args.eval}: cannot read the eval result ({exc})") from exc
-    token = os.environ.get("CBMIR_TOKEN") or None
-    client = RetrievalClient(
-        args.target, timeout=args.timeout, token=token, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key
-    )
+    client = _remote_client(args)
     client.index_info()  # fail now, with the server's status, rather than on the first page load
     app = create_app(client, UiConfig(max_upload_mb=args.max_upload_mb, eval_doc=eval_doc))
     print(f"cbmir ui for {args.target} on http://{args.host}:{args.port}/", flush=True)
@@ -485,7 +478,12 @@ def _add_remote(p: Any) -> None:
         help="HOST:PORT of a running cbmir serve: change its index over the API (admin token "
         "from CBMIR_TOKEN) instead of writing a bundle",
     )
-    p.add_argument("--timeout", type=float, default=300.0, help="deadline of each call to the server in seconds")
+    _add_client_options(p, timeout=300.0)
+
+
+def _add_client_options(p: Any, timeout: float) -> None:
+    """Deadline and TLS options of every command that talks to a server (the token comes from CBMIR_TOKEN)."""
+    p.add_argument("--timeout", type=float, default=timeout, help="deadline of each call to the server in seconds")
     p.add_argument("--tls-ca", help="PEM CA of the server certificate (turns on TLS)")
     p.add_argument("--tls-cert", help="client certificate for mutual TLS")
     p.add_argument("--tls-key", help="client key for mutual TLS")
@@ -669,10 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="fine-tuned methods: search only the class the model predicts (whole archive when unsure)",
     )
-    q.add_argument("--tls-ca", help="PEM CA of the server certificate (turns on TLS)")
-    q.add_argument("--tls-cert", help="client certificate for mutual TLS")
-    q.add_argument("--tls-key", help="client key for mutual TLS")
-    q.add_argument("--timeout", type=float, default=30.0, help="deadline of the call in seconds")
+    _add_client_options(q, timeout=30.0)
     q.add_argument("--json", action="store_true", help="print the hits as JSON (for scripts)")
     q.add_argument("--group-by", help="metadata field: the best k groups (e.g. patient_id: k different patients)")
     q.add_argument("--group-size", type=int, default=0, help="hits per group with --group-by (0: 1)")
@@ -692,10 +687,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--port", type=int, default=8080, help="port of the page")
     u.add_argument("--eval", help="a cbmir eval --json result to show at /eval (per-class P@k, worst queries)")
     u.add_argument("--max-upload-mb", type=int, default=32, help="largest query upload accepted")
-    u.add_argument("--timeout", type=float, default=30.0, help="deadline of each call to the server in seconds")
-    u.add_argument("--tls-ca", help="PEM CA of the server certificate (turns on TLS)")
-    u.add_argument("--tls-cert", help="client certificate for mutual TLS")
-    u.add_argument("--tls-key", help="client key for mutual TLS")
+    _add_client_options(u, timeout=30.0)
     u.set_defaults(func=cmd_ui)
     u.epilog = "The server's bearer token is read from CBMIR_TOKEN and never reaches the browser."
 
