@@ -17,10 +17,10 @@ setup:
 demo:
 	cbmir demo --out $(BUNDLES)/demo
 
-# Lint, format check and type check first (seconds), then the suite in a random order (pytest-randomly prints the
-# seed; `-p randomly -p "randomly_seed=N"` replays one).
+# Lint, format check and type check first (seconds), then the suite on two worker processes (pytest-xdist, one per
+# core here) in a random order (pytest-randomly prints the seed; `-p randomly --randomly-seed=N` replays one).
 test: lint
-	$(PYTHON) -m pytest -q -m "not slow"
+	$(PYTHON) -m pytest -q -n 2 -m "not slow"
 
 # The long runs at the goal's scale: every manifest field mutated, 10,000 malformed requests, 50 crash kills.
 test-slow:
