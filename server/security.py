@@ -19,7 +19,7 @@ import grpc
 from cbmir.errors import InvalidInputError, PermissionDeniedError, UnauthenticatedError
 
 from .config import ServerConfig
-from .status import replace_behaviour
+from .status import wrap_behaviour
 
 ROLES = ("search", "admin")
 MIN_TOKEN_CHARS = 16
@@ -103,13 +103,7 @@ def _refusing(handler: grpc.RpcMethodHandler, exc: Exception) -> grpc.RpcMethodH
         raise exc
         yield  # a generator, like the handler it replaces
 
-    if handler.unary_unary is not None:
-        return replace_behaviour(handler, unary_unary=unary)
-    if handler.unary_stream is not None:
-        return replace_behaviour(handler, unary_stream=stream)
-    if handler.stream_unary is not None:
-        return replace_behaviour(handler, stream_unary=unary)
-    return replace_behaviour(handler, stream_stream=stream)
+    return wrap_behaviour(handler, lambda _: unary, lambda _: stream)
 
 
 def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:

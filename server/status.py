@@ -66,15 +66,9 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):
         if handler.request_deserializer is not None:  # bytes that are no message: INVALID_ARGUMENT, not INTERNAL
             handler = replace_behaviour(handler, request_deserializer=_tolerant(handler.request_deserializer))
         method = handler_call_details.method
-        if handler.unary_unary is not None:
-            return replace_behaviour(handler, unary_unary=_mapped_unary(handler.unary_unary, method))
-        if handler.stream_unary is not None:
-            return replace_behaviour(handler, stream_unary=_mapped_unary(handler.stream_unary, method))
-        if handler.unary_stream is not None:
-            return replace_behaviour(handler, unary_stream=_mapped_stream(handler.unary_stream, method))
-        if handler.stream_stream is not None:
-            return replace_behaviour(handler, stream_stream=_mapped_stream(handler.stream_stream, method))
-        return handler
+        return wrap_behaviour(
+            handler, lambda inner: _mapped_unary(inner, method), lambda inner: _mapped_stream(inner, method)
+        )
 
 
 def replace_behaviour(handler: grpc.RpcMethodHandler, **behaviour: Any) -> grpc.RpcMethodHandler:
@@ -109,6 +103,25 @@ def _parsed(request: Any, method: str) -> Any:
     if isinstance(request, Iterator):
         return (_parsed(item, method) for item in request)
     return request
+
+
+def wrap_behaviour(
+    handler: grpc.RpcMethodHandler,
+    unary: Callable[[Callable[..., Any]], Callable[..., Any]],
+    stream: Callable[[Callable[..., Any]], Callable[..., Any]],
+) -> grpc.RpcMethodHandler:
+    """The handler with its behaviour function replaced by ``unary(f)`` (single response) or ``stream(f)``
+    (streamed response), whatever the request side; the one place that knows gRPC's four handler shapes."""
+    for attribute, wrap in (
+        ("unary_unary", unary),
+        ("stream_unary", unary),
+        ("unary_stream", stream),
+        ("stream_stream", stream),
+    ):
+        inner = getattr(handler, attribute)
+        if inner is not None:
+            return replace_behaviour(handler, **{attribute: wrap(inner)})
+    return handler
 
 
 def _mapped_unary(
