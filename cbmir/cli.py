@@ -47,7 +47,12 @@ def extractor_configs(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     configs: dict[str, dict[str, Any]] = {}
     for name in _csv(args.extractors):
         if name == "cnn":
-            cfg: dict[str, Any] = {"model": args.model, "weights": args.weights or "imagenet"}
+            cfg: dict[str, Any] = {
+                "model": args.model,
+                "weights": args.weights or "imagenet",
+                "runtime": args.runtime,
+                "precision": args.precision,
+            }
             if args.image_size:
                 cfg["image_size"] = args.image_size
             if args.pca_dim:
@@ -260,6 +265,7 @@ def cmd_add(args: argparse.Namespace) -> int:
         id_prefix=args.id_prefix,
         batch_size=args.batch_size,
         device=args.device,
+        runtime=args.runtime,
         progress=not args.no_progress,
     )
     print(
@@ -334,6 +340,8 @@ def cmd_cross_validate(args: argparse.Namespace) -> int:
         k_prep=args.k_prep,
         train_max_images=args.train_max_images,
         device=args.device,
+        runtime="auto" if args.runtime == "bundle" else args.runtime,
+        precision=args.precision or "fp32",
         progress=not args.no_progress,
     )
     doc["config"].update(
@@ -375,6 +383,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         k_prep=args.k_prep,
         exclude_same=args.exclude_same,
         device=args.device,
+        runtime=args.runtime,
+        precision=args.precision,
         progress=not args.no_progress,
     )
     doc["config"]["command"] = " ".join(["cbmir", *sys.argv[1:]])
@@ -495,6 +505,33 @@ def _add_device(p: Any) -> None:
     )
 
 
+def _add_runtime(p: Any, *, indexed: bool) -> None:
+    """--runtime and --precision of the cnn extractor; ``indexed``: default to what the bundle recorded."""
+    from cbmir.defaults import PRECISIONS, RUNTIME_CHOICES
+
+    if indexed:
+        p.add_argument(
+            "--runtime",
+            default="bundle",
+            choices=("bundle", *RUNTIME_CHOICES),
+            help="cnn inference runtime (bundle: the one it was indexed with; another one is logged as a mix)",
+        )
+        p.add_argument("--precision", choices=PRECISIONS, help="cnn precision (default: the bundle's)")
+        return
+    p.add_argument(
+        "--runtime",
+        default="auto",
+        choices=RUNTIME_CHOICES,
+        help="cnn inference runtime (auto: OpenVINO on CPU, torch on CUDA); recorded in the bundle",
+    )
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=PRECISIONS,
+        help="cnn precision (int8 is calibrated on the --fit-sample images); recorded in the bundle",
+    )
+
+
 def _add_no_progress(p: Any) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs and CI)")
 
@@ -557,6 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--batch-size", type=int, default=64, help="images decoded and described per batch")
     _add_device(b)
+    _add_runtime(b, indexed=False)
     _add_select(b, "index only")
     _add_no_progress(b)
     _add_dicom_window(b)
@@ -575,6 +613,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--id-prefix", default="", help="prepended to the new images' ids (keeps sources apart)")
     a.add_argument("--batch-size", type=int, default=64, help="images decoded and described per batch")
     _add_device(a)
+    a.add_argument(
+        "--runtime",
+        default="bundle",
+        choices=("bundle", "auto", "torch", "openvino", "onnxruntime"),
+        help="cnn inference runtime (bundle: the one it was indexed with; another one is logged as a mix)",
+    )
     _add_no_progress(a)
     a.set_defaults(func=cmd_add)
 
@@ -611,6 +655,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--relevance", default="label", help="comma-separated fields; a&b needs both to match")
     e.add_argument("--exclude-same", help="never retrieve images sharing this field with the query (patient_id)")
     e.add_argument("--json", help="write the result document here")
+    _add_runtime(e, indexed=True)
     e.add_argument(
         "--study-field",
         help="also compare study queries (all images of one FIELD value and label, "

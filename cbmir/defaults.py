@@ -8,3 +8,10 @@ OFFLINE_WEIGHTS = "imagenet"
 
 DEFAULT_MAX_PIXELS = 64_000_000
 """Largest decoded image (width x height) accepted; guards against decompression bombs."""
+
+RUNTIME_CHOICES = ("auto", "torch", "openvino", "onnxruntime")
+"""``--runtime`` values of the cnn extractor; ``auto`` is OpenVINO on CPU (ONNX Runtime, then torch, when it is not
+installed) and torch on CUDA."""
+
+PRECISIONS = ("fp32", "bf16", "int8")
+"""``--precision`` values. bf16 needs torch or OpenVINO; int8 needs OpenVINO or ONNX Runtime and calibration images."""

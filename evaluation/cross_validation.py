@@ -104,6 +104,8 @@ def cross_validate(
     k_prep: int = 10,
     train_max_images: int = 0,
     device: str = "auto",
+    runtime: str = "auto",
+    precision: str = "fp32",
     progress: bool = True,
     keep_rankings: bool = False,
 ) -> dict[str, Any]:
@@ -111,7 +113,8 @@ def cross_validate(
 
     With ``keep_rankings`` the document also holds ``rankings``: method -> (N, K) archive rows per query.
     ``train_max_images`` > 0 fine-tunes each fold on a class-balanced subsample of its training images (large
-    archives on a CPU).
+    archives on a CPU). ``runtime`` and ``precision`` describe images with every cnn (pretrained, fine-tuned,
+    multi-scale); int8 is calibrated on each fold's training images.
     """
     train_config = train_config or TrainConfig(device=device)
     labels = data.column(label_field)
@@ -134,7 +137,7 @@ def cross_validate(
         t0 = time.perf_counter()
         cfg: dict[str, Any] = {"device": device}
         if name == "cnn":
-            cfg["image_size"] = pretrained_image_size
+            cfg.update(image_size=pretrained_image_size, runtime=runtime, precision=precision)
         extractor = create_extractor(name, **cfg)
         if extractor.needs_fit:
             sample = np.random.default_rng(seed).choice(n, min(n, 5000), replace=False)
@@ -163,6 +166,8 @@ def cross_validate(
                 [groups[i] for i in train],
                 cfg_fold,
                 progress=progress,
+                runtime=runtime,
+                precision=precision,
             )
             result.training["label_field"] = label_field
             ft = result.extractor
@@ -202,8 +207,12 @@ def cross_validate(
                         stages=multiscale_stages,
                         pca_dim=min(multiscale_dim, n),
                         device=device,
+                        runtime=runtime,
+                        precision=precision,
                     )
                     ms.load_pretrained()
+                    if ms.needs_fit:
+                        ms.fit([data.images[i] for i in train[:256]])
                 t0 = time.perf_counter()
                 learned["multiscale"] = _method_index("multiscale", "cnn", _describe(ms, data.images), "l2")
                 info["multiscale_describe_s"] = round(time.perf_counter() - t0, 1)

@@ -151,10 +151,15 @@ def evaluate(
     exclude_same: str | None = None,
     batch: int = 2048,
     device: str = "auto",
+    runtime: str | None = None,
+    precision: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run the protocol and return the JSON-ready result document."""
-    engine = SearchEngine(bundle, device=device)
+    """Run the protocol and return the JSON-ready result document.
+
+    ``runtime`` and ``precision`` describe external ``queries`` (default: as the bundle was indexed).
+    """
+    engine = SearchEngine(bundle, device=device, runtime=runtime, precision=precision)
     n = len(bundle)
     if exclude_same and exclude_same not in bundle.metadata:
         raise InvalidInputError(f"--exclude-same field {exclude_same!r} is not in the bundle's metadata")

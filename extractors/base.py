@@ -55,7 +55,10 @@ class Extractor(abc.ABC):
 
     name: ClassVar[str] = ""
     metric: ClassVar[str] = "l2"
-    needs_fit: ClassVar[bool] = False
+    needs_fit: bool = False
+    has_runtime: ClassVar[bool] = False
+    """True when the configuration takes ``runtime`` and ``precision`` (see :mod:`cbmir.extractors.runtimes`)."""
+    """True while :meth:`fit` must run on an archive sample before :meth:`extract` (vocabulary, int8 calibration)."""
     device: torch.device
     classes: list[str] | None = None
     training: dict[str, Any] | None = None

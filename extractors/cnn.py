@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
@@ -24,6 +25,16 @@ from cbmir.timing import stage
 from .base import Extractor
 from .imaging import resize_batch
 from .registry import register_extractor
+from .runtimes import (
+    DescribingNetwork,
+    InferenceRuntime,
+    check_precision,
+    compile_network,
+    normalise_grey,
+    pool_features,
+    quantize_int8,
+    resolve_runtime,
+)
 
 _LITE_PACKAGES: Mapping[str, tuple[str, str]] = MappingProxyType(
     {
@@ -128,11 +139,15 @@ class CNNExtractor(Extractor):
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
         forward_batch: images per forward pass (default: 256 on CUDA; on CPU about 260k input pixels per pass,
             16 images at 128 px, 5 at 224 px, where this 2-core machine measured its best throughput).
+        runtime: inference runtime of :meth:`extract`: ``auto`` (OpenVINO on CPU, torch on CUDA), ``torch``,
+            ``openvino`` or ``onnxruntime``; the configuration records the resolved one.
+        precision: ``fp32``, ``bf16`` or ``int8`` (int8 is calibrated on the archive sample by :meth:`fit`).
         classes: class names of a fine-tuned classification head (set from the checkpoint; kept for restore).
         training: how a fine-tuned checkpoint was trained (set from the checkpoint; recorded in the manifest).
     """
 
     metric = "l2"
+    has_runtime = True
 
     def __init__(
         self,
@@ -146,12 +161,21 @@ class CNNExtractor(Extractor):
         device: str = "auto",
         forward_batch: int | None = None,
         weights_sha256: str | None = None,
+        runtime: str = "auto",
+        precision: str = "fp32",
         classes: Sequence[str] | None = None,
         training: dict[str, Any] | None = None,
     ) -> None:
         if image_size < 16:
             raise InvalidInputError(f"image_size must be at least 16, got {image_size}")
         super().__init__(device)
+        self.runtime = resolve_runtime(runtime, self.device)
+        check_precision(self.runtime, precision)
+        self.precision = precision
+        self.needs_fit = precision == "int8"
+        self._int8_model: bytes | None = None
+        self._compiled: InferenceRuntime | None = None
+        self._compile_lock = threading.Lock()
         self.model_name = model
         self.weights = weights
         self.image_size = int(image_size)
@@ -169,6 +193,9 @@ class CNNExtractor(Extractor):
         self._mean = torch.tensor(data_cfg["mean"], dtype=torch.float32).view(1, 3, 1, 1).to(self.device)
         self._std = torch.tensor(data_cfg["std"], dtype=torch.float32).view(1, 3, 1, 1).to(self.device)
         self.net = net.eval().to(self.device).to(memory_format=torch.channels_last)
+        self.network = DescribingNetwork(
+            self.net, self._mean, self._std, multi_stage=bool(self.stages), signature=f"{model}|stages={self.stages}"
+        )
         features: Any = net
         self.raw_dim = int(sum(features.feature_info.channels())) if self.stages else int(features.num_features)
         self._pca_mean: np.ndarray | None = None
@@ -198,6 +225,7 @@ class CNNExtractor(Extractor):
             return
         path = offline_weights_path(self.model_name) if self.weights == OFFLINE_WEIGHTS else self.weights
         state, extras = read_weights_file(path)
+        self.reset_runtime()
         load_weights_into(self.net, {k: v.to(self.device) for k, v in state.items()}, path)
         self.weights_sha256 = sha256_file(path)
         if extras:
@@ -221,35 +249,58 @@ class CNNExtractor(Extractor):
             "pca_dim": self.pca_dim,
             "whiten": self.whiten,
             "l2_normalize": self.l2_normalize,
+            "runtime": self.runtime,
+            "precision": self.precision,
             "classes": self.classes,
             "training": self.training,
         }
 
     def to_network_input(self, images: torch.Tensor) -> torch.Tensor:
         """(B, H, W) grey images in [0, 1] on the device -> (B, 3, H, W) normalised, channels-last network input."""
-        x = images.unsqueeze(1).expand(-1, 3, -1, -1)
-        return ((x - self._mean) / self._std).contiguous(memory_format=torch.channels_last)
+        return normalise_grey(images, self._mean, self._std).contiguous(memory_format=torch.channels_last)
 
     def pooled(self, x: torch.Tensor) -> torch.Tensor:
         """Raw descriptors (B, D_raw) of a network input batch; differentiable (used by training)."""
-        if not self.stages:
-            return self.net(x)
-        maps = self.net(x)
-        return torch.cat([torch.nn.functional.normalize(m.float().mean(dim=(2, 3)), dim=1) for m in maps], dim=1)
+        return pool_features(self.net, x, bool(self.stages))
 
-    @torch.inference_mode()
+    def compiled(self) -> InferenceRuntime:
+        """The network compiled for this extractor's runtime and precision (converted once, then reused)."""
+        if self._compiled is None:
+            with self._compile_lock:
+                if self._compiled is None:
+                    self._compiled = compile_network(
+                        self.network,
+                        runtime=self.runtime,
+                        precision=self.precision,
+                        image_size=self.image_size,
+                        device=self.device,
+                        int8_model=self._int8_model,
+                    )
+        return self._compiled
+
+    def reset_runtime(self) -> None:
+        """Forget the compiled network; call after changing the weights in place (training does)."""
+        self._compiled = None
+
     def extract(self, images: Sequence[np.ndarray]) -> np.ndarray:
         out = np.empty((len(images), self.raw_dim), dtype=np.float32)
+        run = self.compiled()
         for start in range(0, len(images), self.forward_batch):
             with stage("preprocess"):
                 chunk = resize_batch(images[start : start + self.forward_batch], self.image_size)
-                x = self.to_network_input(torch.from_numpy(chunk).to(self.device, non_blocking=True))
-            with (
-                stage("extract"),
-                torch.autocast(self.device.type, dtype=torch.float16, enabled=self.device.type == "cuda"),
-            ):
-                out[start : start + len(chunk)] = self.pooled(x).float().cpu().numpy()
+            with stage("extract"):
+                out[start : start + len(chunk)] = run(chunk)
         return out
+
+    def fit(self, images: Sequence[np.ndarray]) -> None:
+        """int8 only: calibrate and quantise the network on archive images (at most 256 of the sample)."""
+        if self.precision != "int8":
+            return
+        step = max(1, len(images) // 256)
+        calibration = resize_batch(list(images[::step][:256]), self.image_size)
+        self._int8_model = quantize_int8(self.network, self.image_size, calibration)
+        self.needs_fit = False
+        self.reset_runtime()
 
     @property
     def can_classify(self) -> bool:
@@ -317,10 +368,16 @@ class CNNExtractor(Extractor):
             state["pca_matrix"] = self._pca_matrix
         if self._head is not None:
             state["head.weight"], state["head.bias"] = self._head
+        if self._int8_model is not None:
+            state["int8_onnx"] = np.frombuffer(self._int8_model, dtype=np.uint8)
         return state
 
     def load_state(self, state: dict[str, np.ndarray]) -> None:
         net_state = {k[4:]: torch.from_numpy(np.array(v)) for k, v in state.items() if k.startswith("net.")}
+        self.reset_runtime()
+        if "int8_onnx" in state:
+            self._int8_model = np.asarray(state["int8_onnx"], dtype=np.uint8).tobytes()
+            self.needs_fit = False
         if net_state:
             self.net.load_state_dict(net_state, strict=True)
         if "pca_matrix" in state:
@@ -331,7 +388,10 @@ class CNNExtractor(Extractor):
 
     @classmethod
     def restore(cls, config: dict[str, Any], state: dict[str, np.ndarray], device: str = "auto") -> CNNExtractor:
-        """Rebuild from a bundle: the network weights come from the bundle's state, not the original file."""
-        extractor = cls(**config, device=device)
+        """Rebuild from a bundle: the network weights come from the bundle's state, not the original file.
+
+        Bundles written before runtimes were recorded were described by torch, so a missing ``runtime`` is torch.
+        """
+        extractor = cls(**{"runtime": "torch", **config}, device=device)
         extractor.load_state(state)
         return extractor

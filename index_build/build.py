@@ -21,6 +21,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from cbmir.checksums import sha256_pixels
 from cbmir.errors import InvalidInputError
 from cbmir.extractors import Extractor, create_extractor, resolve_device
+from cbmir.extractors.runtimes import runtime_versions
 from cbmir.machine import cpu_model
 from cbmir.progress import progress_step
 
@@ -269,6 +270,7 @@ def build_bundle(
                 "processor": cpu_model(),
                 "dicom_windows": {k: list(v) for k, v in archive.windows.items()},
                 "torch": torch.__version__,
+                "runtimes": runtime_versions(),
                 "timings_s": {k: round(v, 3) for k, v in timings.items()},
             },
         }

@@ -22,6 +22,7 @@ import contextlib
 import datetime as _dt
 import fcntl
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -41,6 +42,8 @@ from cbmir.extractors.imaging import DicomWindows, dicom_windows
 
 from .index_types import FAISS_METRICS, apply_search_params
 from .manifest import MANIFEST, MANIFEST_CHECKSUM, manifest_digest, validate_manifest, verify_manifest_bytes
+
+log = logging.getLogger(__name__)
 
 FORMAT = "cbmir-bundle"
 FORMAT_VERSION = 1
@@ -275,8 +278,13 @@ class MethodIndex:
     info: dict[str, Any] = field(default_factory=dict)
     manifest_path: str = MANIFEST
 
-    def restore_extractor(self, device: str = "auto") -> Extractor:
+    def restore_extractor(
+        self, device: str = "auto", runtime: str | None = None, precision: str | None = None
+    ) -> Extractor:
         """The fitted extractor that produced these descriptors (weights, vocabulary, PCA from the bundle).
+
+        ``runtime`` and ``precision`` override the recorded ones for extractors that have them (``cnn``); a
+        different choice is logged, since descriptors then differ slightly from the indexed ones.
 
         Raises:
             BundleError: the manifest's configuration or the stored state cannot rebuild it, or it describes
@@ -284,10 +292,14 @@ class MethodIndex:
             InvalidInputError: the device is unavailable.
         """
         where = f"{self.manifest_path}: field methods.{self.name}"
+        config = dict(self.config)
+        cls = extractor_class(self.extractor)
+        if cls.has_runtime:
+            config = _with_runtime(self.name, config, runtime, precision)
         try:
-            extractor = extractor_class(self.extractor).restore(self.config, self.state, device=device)
+            extractor = cls.restore(config, self.state, device=device)
         except (InvalidInputError, BundleError) as exc:
-            if "device" in str(exc) and "CUDA" in str(exc):
+            if ("device" in str(exc) and "CUDA" in str(exc)) or runtime not in (None, "bundle") or precision:
                 raise
             raise BundleError(f"{where}.config: cannot restore the {self.extractor} extractor ({exc})") from exc
         except Exception as exc:
@@ -409,3 +421,19 @@ def load_bundle(path: str | os.PathLike[str], *, verify: bool = True) -> Bundle:
             manifest_path=str(version_dir / MANIFEST),
         )
     return Bundle(version_dir, manifest, ids, uris, metadata, methods, content_hashes=hashes)
+
+
+def _with_runtime(method: str, config: dict[str, Any], runtime: str | None, precision: str | None) -> dict[str, Any]:
+    """``config`` with the runtime and precision overridden; logs when they differ from the indexed ones."""
+    indexed = (config.get("runtime", "torch"), config.get("precision", "fp32"))
+    wanted = (runtime if runtime not in (None, "bundle") else indexed[0], precision or indexed[1])
+    if wanted == indexed:
+        return config
+    log.warning(
+        "method %s was indexed with %s/%s and is described here with %s/%s: query descriptors differ slightly from "
+        "the indexed ones (README, Inference runtimes, gives the measured top-10 agreement)",
+        method,
+        *indexed,
+        *wanted,
+    )
+    return {**config, "runtime": wanted[0], "precision": wanted[1]}

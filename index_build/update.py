@@ -100,6 +100,7 @@ def add_to_bundle(
     id_prefix: str = "",
     batch_size: int = 64,
     device: str = "auto",
+    runtime: str | None = None,
     progress: bool = True,
     conflicts_fail: bool = True,
 ) -> UpdateReport:
@@ -110,6 +111,7 @@ def add_to_bundle(
 
     Args:
         id_prefix: prepended to the archive's ids (e.g. ``2026-11/``) so several sources cannot collide.
+        runtime: cnn runtime; None: the one the bundle was indexed with (another one is logged as a mix).
         conflicts_fail: an id indexed with other pixels fails the whole update (the CLI); False reports it in
             ``conflicts`` and adds the rest (the ingestion RPC, one result per item).
     """
@@ -118,7 +120,7 @@ def add_to_bundle(
     with update_lock(root):
         bundle = load_bundle(root)
         archive = archive.with_windows(bundle.dicom_windows)  # new rows decode like the old ones
-        extractors = {name: m.restore_extractor(device) for name, m in bundle.methods.items()}
+        extractors = {name: m.restore_extractor(device, runtime) for name, m in bundle.methods.items()}
         hashes = bundle.content_hashes
         if not any(hashes):
             log.warning("bundle %s predates content hashes: duplicates are detected by id only", bundle.path)

@@ -46,6 +46,17 @@ class ServerConfig:
         metadata=option("largest decoded query image (width x height), checked before decoding"),
     )
     device: str = field(default="auto", metadata=option("where extractors run", device=True))
+    runtime: str = field(
+        default="bundle",
+        metadata=option(
+            "cnn inference runtime: the bundle's (as indexed), auto, torch, openvino or onnxruntime",
+            choices=("bundle", "auto", "torch", "openvino", "onnxruntime"),
+        ),
+    )
+    precision: str | None = field(
+        default=None,
+        metadata=option("cnn precision: fp32, bf16 or int8 (default: the bundle's)", choices=("fp32", "bf16", "int8")),
+    )
     default_method: str = field(default="cnn", metadata=option("method of requests that name none (if indexed)"))
     grace_s: float = field(default=10.0, metadata=option("seconds in-flight streams get on SIGTERM", flag="--grace"))
     torch_threads: int = field(default=1, metadata=option("intra-op threads per request for the extractors"))

@@ -43,9 +43,26 @@ def _to_true_distance(raw: np.ndarray, metric: str) -> np.ndarray:
 class SearchEngine:
     """Holds a bundle's indices and (lazily restored, then reused) extractors; answers batched queries."""
 
-    def __init__(self, bundle: Bundle, device: str = "auto", extractors: Mapping[str, Extractor] | None = None) -> None:
+    def __init__(
+        self,
+        bundle: Bundle,
+        device: str = "auto",
+        extractors: Mapping[str, Extractor] | None = None,
+        *,
+        runtime: str | None = None,
+        precision: str | None = None,
+    ) -> None:
+        """Args:
+        bundle: the loaded bundle.
+        device: where the extractors run.
+        extractors: already restored extractors by method (reused as they are).
+        runtime: cnn inference runtime; None or ``bundle``: the one the bundle was indexed with.
+        precision: cnn precision; None: the bundle's.
+        """
         self.bundle = bundle
         self.device = device
+        self.runtime = runtime
+        self.precision = precision
         self.windows = bundle.dicom_windows
         self._extractors: dict[str, Extractor] = dict(extractors or {})
         self._lock = threading.Lock()
@@ -76,7 +93,7 @@ class SearchEngine:
             return ex
         with self._lock:
             if name not in self._extractors:
-                self._extractors[name] = self.method(name).restore_extractor(self.device)
+                self._extractors[name] = self.method(name).restore_extractor(self.device, self.runtime, self.precision)
             return self._extractors[name]
 
     def warmup(self) -> None:

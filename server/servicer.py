@@ -75,7 +75,12 @@ class RetrievalService(pb_grpc.RetrievalServicer):
                 self.metrics.reloads.labels(result="unchanged").inc()
                 return False
             try:
-                engine = SearchEngine(load_bundle(self.config.index), device=self.config.device)
+                engine = SearchEngine(
+                    load_bundle(self.config.index),
+                    device=self.config.device,
+                    runtime=self.config.runtime,
+                    precision=self.config.precision,
+                )
                 engine.warmup()
             except CbmirError:
                 self.metrics.reloads.labels(result="failed").inc()

@@ -98,6 +98,8 @@ def train_extractor(
     *,
     progress: bool = True,
     max_steps: int | None = None,
+    runtime: str = "auto",
+    precision: str = "fp32",
 ) -> TrainResult:
     """Fine-tune on decoded images.
 
@@ -108,6 +110,8 @@ def train_extractor(
         config: the run's settings.
         progress: show a progress bar per epoch.
         max_steps: stop after this many optimisation steps in total (tests, smoke runs).
+        runtime: inference runtime of the trained extractor's ``extract`` (training itself runs on torch).
+        precision: its precision; int8 is calibrated on training images at the end.
     """
     if len(images) != len(labels):
         raise InvalidInputError(f"{len(images)} images but {len(labels)} labels")
@@ -125,7 +129,12 @@ def train_extractor(
     seed_everything(config.seed)
     t_start = time.perf_counter()
     extractor = CNNExtractor(
-        model=config.model, weights=config.weights, image_size=config.image_size, device=config.device
+        model=config.model,
+        weights=config.weights,
+        image_size=config.image_size,
+        device=config.device,
+        runtime=runtime,
+        precision=precision,
     )
     extractor.load_pretrained()
     device = extractor.device
@@ -239,6 +248,9 @@ def train_extractor(
         raise InvalidInputError("no training step ran: the training split holds fewer than 2 images")
     net.load_state_dict(best_state)
     net.eval()
+    extractor.reset_runtime()
+    if extractor.needs_fit:
+        extractor.fit([images[i] for i in train_idx[:256]])
     seconds = time.perf_counter() - t_start
     training = {
         **asdict(config),
