@@ -148,6 +148,10 @@ def cmd_build(args: argparse.Namespace) -> int:
         extractor_class(cfg.get("extractor", name))
     if "cnn" in configs:
         check_model_arguments(args.model, args.weights, args.device)
+        from cbmir.extractors import resolve_device
+        from cbmir.extractors.runtimes import check_precision, resolve_runtime
+
+        check_precision(resolve_runtime(args.runtime, resolve_device(args.device)), args.precision)
     archive = _selected_archive(args)
     log.info("archive %s: %d images", archive.source, len(archive))
     t0 = time.perf_counter()

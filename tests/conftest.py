@@ -43,3 +43,13 @@ def small_bundle(unifesp_subset: tuple[Path, Path], tmp_path_factory: pytest.Tem
         progress=False,
     )
     return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Converted models (OpenVINO, ONNX) go to a fresh cache per test session, not the user's ~/.cache/cbmir."""
+    import os
+
+    path = tmp_path_factory.mktemp("model-cache")
+    os.environ["CBMIR_CACHE_DIR"] = str(path)
+    return path
