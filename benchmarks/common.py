@@ -19,6 +19,7 @@ import grpc
 import numpy as np
 import torch
 
+from cbmir.extractors.runtimes import runtime_versions
 from cbmir.machine import cpu_model
 
 RESULTS_DIR = "benchmarks/results"
@@ -62,6 +63,7 @@ def environment() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "faiss_threads": faiss.omp_get_max_threads(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "runtimes": runtime_versions(),
         "platform": platform.platform(),
     }
 

@@ -346,7 +346,9 @@ def compile_network(
                     )
                 ov.save_model(model, str(tmp / "model.xml"), compress_to_fp16=False)
 
-            path = _cached_model("xml", f"openvino-{re.sub(r'[^A-Za-z0-9.]+', '_', ov.__version__)}-{image_size}-{digest}", write_ir)
+            path = _cached_model(
+                "xml", f"openvino-{re.sub(r'[^A-Za-z0-9.]+', '_', ov.__version__)}-{image_size}-{digest}", write_ir
+            )
         else:
             path = _cached_model(
                 "onnx",

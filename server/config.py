@@ -57,6 +57,13 @@ class ServerConfig:
         default=None,
         metadata=option("cnn precision: fp32, bf16 or int8 (default: the bundle's)", choices=("fp32", "bf16", "int8")),
     )
+    search_device: str = field(
+        default="cpu",
+        metadata=option(
+            "where FAISS searches: cpu, cuda (flat and IVF indices copied to the GPU; needs cbmir[gpu]) or auto",
+            choices=("auto", "cpu", "cuda"),
+        ),
+    )
     default_method: str = field(default="cnn", metadata=option("method of requests that name none (if indexed)"))
     grace_s: float = field(default=10.0, metadata=option("seconds in-flight streams get on SIGTERM", flag="--grace"))
     torch_threads: int = field(default=1, metadata=option("intra-op threads per request for the extractors"))

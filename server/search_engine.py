@@ -21,6 +21,7 @@ from cbmir.index_build.bundle import Bundle, MethodIndex
 from cbmir.index_build.index_types import FAISS_METRICS
 from cbmir.timing import stage
 
+from .gpu_search import gpu_copies, resolve_search_device
 from .rerank import candidate_distances
 
 
@@ -51,6 +52,7 @@ class SearchEngine:
         *,
         runtime: str | None = None,
         precision: str | None = None,
+        search_device: str = "cpu",
     ) -> None:
         """Args:
         bundle: the loaded bundle.
@@ -58,11 +60,14 @@ class SearchEngine:
         extractors: already restored extractors by method (reused as they are).
         runtime: cnn inference runtime; None or ``bundle``: the one the bundle was indexed with.
         precision: cnn precision; None: the bundle's.
+        search_device: ``cpu``, ``cuda`` (FAISS GPU copies of flat and IVF indices) or ``auto``.
         """
         self.bundle = bundle
         self.device = device
         self.runtime = runtime
         self.precision = precision
+        self.search_device = resolve_search_device(search_device)
+        self._gpu = gpu_copies(bundle.methods) if self.search_device == "cuda" else None
         self.windows = bundle.dicom_windows
         self._extractors: dict[str, Extractor] = dict(extractors or {})
         self._lock = threading.Lock()
@@ -318,7 +323,8 @@ class SearchEngine:
                 bits = np.packbits(allowed, bitorder="little")
                 params = faiss.SearchParameters()
                 params.sel = faiss.IDSelectorBitmap(n, faiss.swig_ptr(bits))
-            raw, rows = info.index.search(q, k_search, params=params)
+            gpu_index = self._gpu.indexes.get(info.name) if self._gpu is not None and params is None else None
+            raw, rows = (gpu_index or info.index).search(q, k_search, params=params)
         dist = _to_true_distance(raw, info.metric).astype(np.float32)
         if exclude is not None and extra:
             drop = np.zeros(rows.shape, dtype=bool)

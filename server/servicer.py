@@ -80,6 +80,7 @@ class RetrievalService(pb_grpc.RetrievalServicer):
                     device=self.config.device,
                     runtime=self.config.runtime,
                     precision=self.config.precision,
+                    search_device=self.config.search_device,
                 )
                 engine.warmup()
             except CbmirError:

@@ -18,6 +18,7 @@ from cbmir.cli import build_parser, main
 from cbmir.client import RetrievalClient, RetrievalError, build_request, format_hits
 from cbmir.errors import InvalidInputError
 from cbmir.server.config import ServerConfig
+from cbmir.server.gpu_search import gpu_search_available
 from cbmir.server.startup import start_server
 from tests.helpers import UNIFESP, require
 
@@ -91,6 +92,13 @@ def test_device_cuda_without_a_gpu_is_a_usage_error(small_bundle: Path, tmp_path
         "--no-progress",
     )
     assert build.returncode == 2 and "CUDA is not available" in one_error_line(build.stderr)
+
+
+@pytest.mark.skipif(gpu_search_available(), reason="needs a machine where FAISS cannot use a GPU")
+def test_search_device_cuda_without_faiss_gpu_is_a_usage_error(small_bundle: Path) -> None:
+    serve = run_cli("serve", "--index", str(small_bundle), "--port", "0", "--search-device", "cuda", timeout=60)
+    line = one_error_line(serve.stderr)
+    assert serve.returncode == 2 and "--search-device cuda" in line and "--search-device auto or cpu" in line
 
 
 def test_query_errors_are_one_line_with_the_status(live, small_bundle: Path, tmp_path: Path, capsys) -> None:
