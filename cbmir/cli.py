@@ -164,6 +164,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         fit_sample=args.fit_sample,
         index_type=_index_types(args.index_type),
         progress=not args.no_progress,
+        ray=_ray_options(args),
     )
     total = time.perf_counter() - t0
     print(f"wrote {report.path} ({report.count} images indexed, {len(report.skipped)} skipped) in {total:.1f} s")
@@ -271,6 +272,7 @@ def cmd_add(args: argparse.Namespace) -> int:
         device=args.device,
         runtime=args.runtime,
         progress=not args.no_progress,
+        ray=_ray_options(args),
     )
     print(
         f"{report.path}: {report.count} images ({len(report.added)} added, {len(report.duplicates)} already "
@@ -536,6 +538,28 @@ def _add_runtime(p: Any, *, indexed: bool) -> None:
     )
 
 
+def _add_ray(p: Any) -> None:
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help="extract on Ray Data: no ADDRESS starts a local Ray (or joins RAY_ADDRESS), 'auto' joins a running "
+        "cluster, or a cluster address (ray://HOST:10001)",
+    )
+    p.add_argument("--ray-actors", type=_positive_int, help="extractor actors (default: one per CPU, or per GPU)")
+
+
+def _ray_options(args: argparse.Namespace) -> Any:
+    if not args.ray:
+        if args.ray_actors:
+            raise InvalidInputError("--ray-actors needs --ray")
+        return None
+    from cbmir.index_build.ray_extraction import RayOptions
+
+    return RayOptions(address=None if args.ray == "local" else args.ray, actors=args.ray_actors)
+
+
 def _add_no_progress(p: Any) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs and CI)")
 
@@ -599,6 +623,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-size", type=int, default=64, help="images decoded and described per batch")
     _add_device(b)
     _add_runtime(b, indexed=False)
+    _add_ray(b)
     _add_select(b, "index only")
     _add_no_progress(b)
     _add_dicom_window(b)
@@ -623,6 +648,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("bundle", "auto", "torch", "openvino", "onnxruntime"),
         help="cnn inference runtime (bundle: the one it was indexed with; another one is logged as a mix)",
     )
+    _add_ray(a)
     _add_no_progress(a)
     a.set_defaults(func=cmd_add)
 

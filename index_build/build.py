@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import faiss
 import numpy as np
@@ -28,6 +28,9 @@ from cbmir.progress import progress_step
 from .archive import Archive, ImageRecord
 from .bundle import RECORDS, BundleWriter, update_lock
 from .index_types import build_index, check_index_type, choose_index_type
+
+if TYPE_CHECKING:
+    from .ray_extraction import RayOptions
 
 log = logging.getLogger("cbmir.build")
 
@@ -148,6 +151,7 @@ def build_bundle(
     index_params: dict[str, Any] | None = None,
     progress: bool = True,
     on_skip: Callable[[dict[str, str]], None] | None = None,
+    ray: RayOptions | None = None,
 ) -> BuildReport:
     """Extract every archive image with each extractor and write a new bundle version under ``out``.
 
@@ -164,6 +168,7 @@ def build_bundle(
         index_params: overrides of the index type's build/search parameters.
         progress: show a progress bar.
         on_skip: called for every unreadable image (default: log a warning).
+        ray: extract on Ray Data (fitted state from the driver's sample); None extracts in this process.
 
     Raises:
         InvalidInputError: empty archive, unknown extractor, or every image unreadable.
@@ -202,7 +207,21 @@ def build_bundle(
             timings[f"fit_{name}"] = time.perf_counter() - t1
         timings["fit_total"] = time.perf_counter() - t0
 
-    extraction = extract_archive(archive, methods, batch_size=batch_size, progress=progress, on_skip=on_skip)
+    if ray is not None:
+        from .ray_extraction import extract_archive_ray
+
+        extraction = extract_archive_ray(
+            archive,
+            methods,
+            address=ray.address,
+            actors=ray.actors,
+            batch_size=batch_size,
+            device=str(torch_device),
+            progress=progress,
+            on_skip=on_skip,
+        )
+    else:
+        extraction = extract_archive(archive, methods, batch_size=batch_size, progress=progress, on_skip=on_skip)
     records, skipped, extract_s = extraction.records, extraction.skipped, extraction.extract_s
     timings.update(extraction.timings)
     if not records:
@@ -262,6 +281,7 @@ def build_bundle(
             "build": {
                 "device": str(torch_device),
                 "batch_size": batch_size,
+                "ray": None if ray is None else {"address": ray.address, "actors": ray.actors},
                 "fit_sample": fit_sample,
                 "seed": seed,
                 "torch_threads": torch.get_num_threads(),

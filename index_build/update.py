@@ -14,7 +14,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import faiss
 import numpy as np
@@ -25,6 +25,9 @@ from .archive import Archive, ImageRecord
 from .build import extract_archive, records_columns
 from .bundle import RECORDS, Bundle, BundleWriter, load_bundle, update_lock
 from .index_types import build_index
+
+if TYPE_CHECKING:
+    from .ray_extraction import RayOptions
 
 log = logging.getLogger("cbmir.update")
 
@@ -103,6 +106,7 @@ def add_to_bundle(
     runtime: str | None = None,
     progress: bool = True,
     conflicts_fail: bool = True,
+    ray: RayOptions | None = None,
 ) -> UpdateReport:
     """Index the archive's images into a new version of the bundle at ``root``.
 
@@ -114,6 +118,7 @@ def add_to_bundle(
         runtime: cnn runtime; None: the one the bundle was indexed with (another one is logged as a mix).
         conflicts_fail: an id indexed with other pixels fails the whole update (the CLI); False reports it in
             ``conflicts`` and adds the rest (the ingestion RPC, one result per item).
+        ray: extract on Ray Data with the bundle's fitted extractors; None extracts in this process.
     """
     if len(archive) == 0:
         raise InvalidInputError(f"archive {archive.source} holds no images")
@@ -141,7 +146,21 @@ def add_to_bundle(
             seen.add(digest)
             return True
 
-        extraction = extract_archive(archive, extractors, batch_size=batch_size, progress=progress, keep=keep)
+        if ray is not None:
+            from .ray_extraction import extract_archive_ray
+
+            extraction = extract_archive_ray(
+                archive,
+                extractors,
+                address=ray.address,
+                actors=ray.actors,
+                batch_size=batch_size,
+                device=str(next(iter(extractors.values())).device),
+                progress=progress,
+                keep=keep,
+            )
+        else:
+            extraction = extract_archive(archive, extractors, batch_size=batch_size, progress=progress, keep=keep)
         if conflicts and conflicts_fail:
             raise InvalidInputError(
                 f"{len(conflicts)} id(s) are already indexed with different pixels (e.g. {conflicts[:3]}); remove "

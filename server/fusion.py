@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from cbmir.search_backends import Allowed
+
 from .search_engine import SearchEngine
 
 FUSIONS = ("rrf", "min")
@@ -18,7 +20,7 @@ def fused_search(
     k: int,
     fusion: str = "rrf",
     *,
-    allowed: np.ndarray | None = None,
+    allowed: Allowed = None,
     exclude: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One ranking for S query images of one study.

@@ -8,6 +8,7 @@ import numpy as np
 
 from cbmir.errors import InvalidInputError, NotFoundError, shown
 from cbmir.extractors.imaging import pixels_from_buffer
+from cbmir.search_backends import Allowed
 from cbmir.timing import stage
 from cbmir.v1 import retrieval_pb2 as pb
 
@@ -26,7 +27,7 @@ class QueryPlan:
     k: int
     rerank: str | None
     k_prep: int
-    allowed: np.ndarray | None
+    allowed: Allowed
     filter_key: tuple[tuple[str, tuple[str, ...]], ...]
     exclude: np.ndarray
     image: np.ndarray | None = None

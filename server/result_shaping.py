@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from cbmir.search_backends import Allowed, allowed_mask
+
 from .search_engine import SearchEngine
 
 
@@ -108,7 +110,7 @@ def shaped_search(
     k: int,
     shaping: Shaping,
     *,
-    allowed: np.ndarray | None = None,
+    allowed: Allowed = None,
     exclude: Sequence[np.ndarray] | None = None,
     **search: Any,
 ) -> list[ShapedHits]:
@@ -121,7 +123,8 @@ def shaped_search(
     column = engine.bundle.metadata[shaping.group_by] if shaping.group_by else None
     group_sizes = None
     if column is not None:
-        mask = np.ones(n, bool) if allowed is None else allowed
+        selected = allowed_mask(allowed)
+        mask = np.ones(n, bool) if selected is None else selected
         values, counts = np.unique(np.asarray(column, dtype=object)[mask].astype(str), return_counts=True)
         group_sizes = dict(zip(values.tolist(), counts.tolist()))
     need = (shaping.offset + k) * (shaping.group_size if column is not None else 1)

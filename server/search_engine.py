@@ -11,17 +11,16 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-import faiss
 import numpy as np
 
 from cbmir.errors import BundleError, InvalidInputError, shown
 from cbmir.extractors import Extractor
 from cbmir.extractors.imaging import DEFAULT_MAX_PIXELS, decode_image
 from cbmir.index_build.bundle import Bundle, MethodIndex
-from cbmir.index_build.index_types import FAISS_METRICS
+from cbmir.search_backends import Allowed, FaissBackend, RowSelection, SearchBackend
+from cbmir.search_backends.base import pad
 from cbmir.timing import stage
 
-from .gpu_search import gpu_copies, resolve_search_device
 from .rerank import candidate_distances
 
 
@@ -31,14 +30,6 @@ class SearchResult:
 
     rows: np.ndarray
     distances: np.ndarray
-
-
-def _to_true_distance(raw: np.ndarray, metric: str) -> np.ndarray:
-    if metric == "l2":
-        return np.sqrt(np.maximum(raw, 0.0))
-    if metric == "cosine":
-        return 1.0 - raw
-    return raw
 
 
 class SearchEngine:
@@ -53,6 +44,7 @@ class SearchEngine:
         runtime: str | None = None,
         precision: str | None = None,
         search_device: str = "cpu",
+        backend: SearchBackend | None = None,
     ) -> None:
         """Args:
         bundle: the loaded bundle.
@@ -61,13 +53,13 @@ class SearchEngine:
         runtime: cnn inference runtime; None or ``bundle``: the one the bundle was indexed with.
         precision: cnn precision; None: the bundle's.
         search_device: ``cpu``, ``cuda`` (FAISS GPU copies of flat and IVF indices) or ``auto``.
+        backend: where k-NN runs (default: :class:`~cbmir.search_backends.FaissBackend` on ``search_device``).
         """
         self.bundle = bundle
         self.device = device
         self.runtime = runtime
         self.precision = precision
-        self.search_device = resolve_search_device(search_device)
-        self._gpu = gpu_copies(bundle.methods) if self.search_device == "cuda" else None
+        self.backend = backend or FaissBackend(bundle, search_device)
         self.windows = bundle.dicom_windows
         self._extractors: dict[str, Extractor] = dict(extractors or {})
         self._lock = threading.Lock()
@@ -145,8 +137,8 @@ class SearchEngine:
             raise InvalidInputError("query vector contains NaN or infinite values")
         return np.ascontiguousarray(q)
 
-    def allowed_rows(self, filters: Mapping[str, Sequence[str]] | None) -> np.ndarray | None:
-        """Boolean mask of rows whose metadata matches every field (any of its values); None = no filter."""
+    def allowed_rows(self, filters: Mapping[str, Sequence[str]] | None) -> RowSelection | None:
+        """Rows whose metadata matches every field (any of its values), as a mask and as filters; None = no filter."""
         if not filters:
             return None
         mask = np.ones(len(self.bundle), dtype=bool)
@@ -163,7 +155,7 @@ class SearchEngine:
                 if rows is not None:
                     field_mask[rows] = True
             mask &= field_mask
-        return mask
+        return RowSelection(mask, {field: frozenset(values) for field, values in filters.items()})
 
     def search(
         self,
@@ -171,7 +163,7 @@ class SearchEngine:
         queries: np.ndarray,
         k: int,
         *,
-        allowed: np.ndarray | None = None,
+        allowed: Allowed = None,
         exclude: Sequence[np.ndarray] | None = None,
         rerank: str | None = None,
         rerank_queries: np.ndarray | None = None,
@@ -183,7 +175,8 @@ class SearchEngine:
             method: method that finds candidates.
             queries: (Q, dim) descriptors for ``method``.
             k: hits per query.
-            allowed: (N,) bool mask of searchable rows (metadata filters); exact, never a lossy post-filter.
+            allowed: searchable rows (metadata filters: a :class:`RowSelection` or an (N,) bool mask); exact, never a
+                lossy post-filter.
             exclude: per query, rows never to return (the query itself, same-patient images).
             rerank: method whose distance re-sorts the top ``k_prep`` candidates.
             rerank_queries: (Q, dim_rerank) descriptors for ``rerank``.
@@ -211,11 +204,21 @@ class SearchEngine:
         with stage("search"):
             candidates = self._knn(info, q, k_prep, allowed, exclude).rows
         with stage("rerank"):
-            dist = candidate_distances(rq, rinfo.descriptors, candidates, rinfo.metric)
+            dist = self._candidate_distances(rinfo, rq, candidates)
             order = np.argsort(dist, axis=1, kind="stable")[:, :k]
             rows = np.take_along_axis(candidates, order, axis=1)
             dist = np.take_along_axis(dist, order, axis=1)
-        return SearchResult(_pad(rows, k, -1), _pad(dist, k, np.inf))
+        return SearchResult(pad(rows, k, -1), pad(dist, k, np.inf))
+
+    def _candidate_distances(self, info: MethodIndex, queries: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        """Exact distances (Q, K) of each query to its candidate rows, over the backend's stored vectors."""
+        valid = candidates >= 0
+        if not valid.any():
+            return np.full(candidates.shape, np.inf, np.float32)
+        unique, local = np.unique(candidates[valid], return_inverse=True)
+        compact = np.full(candidates.shape, -1, np.int64)
+        compact[valid] = local
+        return candidate_distances(queries, self.backend.vectors(info, unique), compact, info.metric)
 
     def class_predictor(self, method: str) -> tuple[Extractor, str]:
         """The method's extractor and the metadata field its classes name, for class-predicted search."""
@@ -240,7 +243,7 @@ class SearchEngine:
         k: int,
         *,
         min_confidence: float = 0.5,
-        allowed: np.ndarray | None = None,
+        allowed: Allowed = None,
         exclude: Sequence[np.ndarray] | None = None,
         rerank: str | None = None,
         rerank_queries: np.ndarray | None = None,
@@ -268,7 +271,7 @@ class SearchEngine:
             raise InvalidInputError(f"min_confidence must be within [0, 1], got {min_confidence}")
         predicted = np.where(probs.max(axis=1) >= min_confidence, probs.argmax(axis=1), -1).astype(np.int64)
 
-        def run(sel: np.ndarray, mask: np.ndarray | None) -> SearchResult:
+        def run(sel: np.ndarray, mask: Allowed) -> SearchResult:
             return self.search(
                 method,
                 queries[sel],
@@ -286,9 +289,8 @@ class SearchEngine:
             sel = np.flatnonzero(predicted == c)
             mask = allowed
             if c >= 0:
-                mask = self.allowed_rows({field: [classes[c]]})
-                if allowed is not None:
-                    mask &= allowed
+                selection = self.allowed_rows({field: [classes[c]]})
+                mask = selection if allowed is None or selection is None else selection & allowed
             result = run(sel, mask)
             rows[sel], dist[sel] = result.rows, result.distances
         short = np.flatnonzero((predicted >= 0) & (rows[:, -1] < 0))
@@ -307,55 +309,8 @@ class SearchEngine:
         info: MethodIndex,
         q: np.ndarray,
         k: int,
-        allowed: np.ndarray | None,
+        allowed: Allowed,
         exclude: Sequence[np.ndarray] | None,
     ) -> SearchResult:
-        n = info.index.ntotal
-        extra = max((len(e) for e in exclude), default=0) if exclude is not None else 0
-        k_search = min(k + extra, n)
-        if k_search == 0:
-            return SearchResult(np.full((len(q), k), -1, np.int64), np.full((len(q), k), np.inf, np.float32))
-        if allowed is not None and info.index_type != "flat":
-            raw, rows = _exact_subset_search(info, q, k_search, np.flatnonzero(allowed))
-        else:
-            params = None
-            if allowed is not None:
-                bits = np.packbits(allowed, bitorder="little")
-                params = faiss.SearchParameters()
-                params.sel = faiss.IDSelectorBitmap(n, faiss.swig_ptr(bits))
-            gpu_index = self._gpu.indexes.get(info.name) if self._gpu is not None and params is None else None
-            raw, rows = (gpu_index or info.index).search(q, k_search, params=params)
-        dist = _to_true_distance(raw, info.metric).astype(np.float32)
-        if exclude is not None and extra:
-            drop = np.zeros(rows.shape, dtype=bool)
-            for i, ex in enumerate(exclude):
-                if len(ex):
-                    drop[i] = np.isin(rows[i], ex)
-            drop |= rows < 0
-            order = np.argsort(drop, axis=1, kind="stable")
-            rows = np.take_along_axis(rows, order, axis=1)
-            dist = np.take_along_axis(dist, order, axis=1)
-            dropped = np.take_along_axis(drop, order, axis=1)
-            rows[dropped] = -1
-        rows = rows[:, :k]
-        dist = dist[:, :k]
-        dist[rows < 0] = np.inf
-        return SearchResult(_pad(rows, k, -1), _pad(dist, k, np.inf))
-
-
-def _exact_subset_search(info: MethodIndex, q: np.ndarray, k: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Exact search restricted to ``rows``: approximate indices lose hits under restrictive selectors."""
-    if not len(rows):  # nothing allowed: no hits, on every index type
-        return np.full((len(q), 1), np.inf, np.float32), np.full((len(q), 1), -1, np.int64)
-    sub = faiss.IndexFlat(info.dim, FAISS_METRICS[info.metric])
-    if len(rows):
-        sub.add(np.ascontiguousarray(info.descriptors[rows], dtype=np.float32))
-    raw, local = sub.search(q, min(k, max(len(rows), 1)))
-    return raw, np.where(local >= 0, rows[np.maximum(local, 0)], -1)
-
-
-def _pad(a: np.ndarray, k: int, fill: float) -> np.ndarray:
-    if a.shape[1] >= k:
-        return a
-    pad = np.full((a.shape[0], k - a.shape[1]), fill, dtype=a.dtype)
-    return np.concatenate([a, pad], axis=1)
+        rows, dist = self.backend.knn(info, q, k, allowed, exclude)
+        return SearchResult(rows, dist)

@@ -17,8 +17,8 @@ import torch
 from cbmir.cli import build_parser, main
 from cbmir.client import RetrievalClient, RetrievalError, build_request, format_hits
 from cbmir.errors import InvalidInputError
+from cbmir.search_backends.faiss_gpu import gpu_search_available
 from cbmir.server.config import ServerConfig
-from cbmir.server.gpu_search import gpu_search_available
 from cbmir.server.startup import start_server
 from tests.helpers import UNIFESP, require
 

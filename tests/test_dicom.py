@@ -160,7 +160,7 @@ def test_dicom_folder_build_keeps_header_metadata_as_filters(tmp_path: Path) -> 
     assert sorted(bundle.metadata["Modality"]) == ["CR", "CT", "MR", "MR", "US"]
     engine = SearchEngine(bundle, device="cpu")
     mr = engine.allowed_rows({"Modality": ["MR"]})
-    assert mr is not None and mr.sum() == 2
+    assert mr is not None and mr.mask.sum() == 2 and mr.filters == {"Modality": frozenset({"MR"})}
     raw_ids = {str(pydicom.dcmread(data(n), stop_before_pixels=True).get("PatientID", "")) for n in names}
     for hashed in bundle.metadata.get("patient_id", []):
         assert hashed == "" or (len(hashed) == 16 and hashed not in raw_ids)

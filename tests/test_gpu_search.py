@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cbmir.index_build import load_bundle
-from cbmir.server.gpu_search import gpu_search_available
+from cbmir.search_backends.faiss_gpu import gpu_search_available
 from cbmir.server.search_engine import SearchEngine
 
 GPU = pytest.mark.skipif(not gpu_search_available(), reason="needs FAISS with GPU support and a GPU")
@@ -16,7 +16,7 @@ GPU = pytest.mark.skipif(not gpu_search_available(), reason="needs FAISS with GP
 
 def test_search_device_auto_falls_back_to_the_cpu_here(small_bundle: Path) -> None:
     engine = SearchEngine(load_bundle(small_bundle), device="cpu", search_device="auto")
-    assert engine.search_device == ("cuda" if gpu_search_available() else "cpu")
+    assert engine.backend.search_device == ("cuda" if gpu_search_available() else "cpu")
 
 
 @GPU

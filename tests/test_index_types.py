@@ -98,7 +98,7 @@ def test_a_filter_matching_nothing_gives_zero_hits_on_every_index_type(small_bun
     cnn.index_type = index_type
     engine = SearchEngine(bundle, device="cpu")
     allowed = engine.allowed_rows(EMPTY_FILTER)
-    assert allowed is not None and not allowed.any()
+    assert allowed is not None and not allowed.mask.any()
     q, hog_q = cnn.descriptors[:3], bundle.methods["hog"].descriptors[:3]
     results = [
         engine.search("cnn", q, 5, allowed=allowed),
