@@ -413,6 +413,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_publish(args: argparse.Namespace) -> int:
+    from cbmir.index_build import load_bundle
+    from cbmir.search_backends.milvus_publish import connect_milvus, publish_bundle
+    from cbmir.search_backends.milvus_schema import check_prefix
+
+    check_prefix(args.collection)
+    bundle = load_bundle(args.index, search_indexes=False)
+    client = connect_milvus(args.milvus)
+    try:
+        report = publish_bundle(bundle, client, args.collection, keep=args.keep, on_progress=print)
+    finally:
+        client.close()
+    print(
+        f"published {bundle.version} ({len(bundle)} images, {len(report.collections)} methods, "
+        f"{len(report.reused)} already there) to {args.milvus} in {report.seconds:.1f} s"
+    )
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from cbmir.index_build.bundle import read_manifest, resolve_version_dir, verify_files
 
@@ -711,6 +730,17 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--pretrained-image-size", type=int, default=224, help="input side of the pretrained cnn")
     _add_train_flags(cv)
     e.set_defaults(func=cmd_eval)
+
+    pub = sub.add_parser(
+        "publish",
+        help="load a bundle's vectors and metadata into Milvus (then: cbmir serve --milvus URI)",
+        formatter_class=HelpFormatter,
+    )
+    pub.add_argument("--index", required=True, help="bundle directory (its live version is published)")
+    pub.add_argument("--milvus", required=True, metavar="URI", help="milvus-lite file (FILE.db) or http://HOST:19530")
+    pub.add_argument("--collection", default="cbmir", metavar="PREFIX", help="collection name prefix")
+    pub.add_argument("--keep", type=_positive_int, default=2, help="bundle versions kept per method in Milvus")
+    pub.set_defaults(func=cmd_publish)
 
     i = sub.add_parser("info", help="validate a bundle and print its summary", formatter_class=HelpFormatter)
     i.add_argument("--index", required=True, help="bundle directory (its live version is checked)")

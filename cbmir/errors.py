@@ -25,6 +25,10 @@ class NotReadyError(CbmirError):
     """The service has not finished loading or is shutting down."""
 
 
+class BackendUnavailableError(CbmirError):
+    """The search backend (Milvus) cannot be reached or failed; the caller may retry."""
+
+
 class OverloadedError(CbmirError):
     """Too many requests in flight; the caller should retry with back-off."""
 

@@ -272,7 +272,7 @@ class MethodIndex:
     metric: str
     dim: int
     index_type: str
-    index: faiss.Index
+    index: faiss.Index | None
     descriptors: np.ndarray
     state: dict[str, np.ndarray]
     info: dict[str, Any] = field(default_factory=dict)
@@ -355,8 +355,12 @@ class Bundle:
         return {k: v[row] for k, v in self.metadata.items() if v[row] != ""}
 
 
-def load_bundle(path: str | os.PathLike[str], *, verify: bool = True) -> Bundle:
-    """Load and validate a bundle; every problem raises :class:`BundleError` naming the bad file."""
+def load_bundle(path: str | os.PathLike[str], *, verify: bool = True, search_indexes: bool = True) -> Bundle:
+    """Load and validate a bundle; every problem raises :class:`BundleError` naming the bad file.
+
+    ``search_indexes=False`` skips the FAISS indices and memory-maps the descriptors (a server whose search
+    runs in Milvus keeps no index in memory).
+    """
     version_dir = resolve_version_dir(path)
     manifest = read_manifest(version_dir)
     if verify:
@@ -380,7 +384,8 @@ def load_bundle(path: str | os.PathLike[str], *, verify: bool = True) -> Bundle:
         desc_path = version_dir / info["files"]["descriptors"]
         index_type = info.get("index_type", "flat")
         try:
-            descriptors = np.load(desc_path, allow_pickle=False, mmap_mode=None if index_type == "flat" else "r")
+            in_memory = index_type == "flat" and search_indexes
+            descriptors = np.load(desc_path, allow_pickle=False, mmap_mode=None if in_memory else "r")
         except (OSError, ValueError) as exc:
             raise BundleError(f"{desc_path}: unreadable descriptors ({exc})") from exc
         if descriptors.shape != (count, info["dim"]) or descriptors.dtype != np.float32:
@@ -396,7 +401,10 @@ def load_bundle(path: str | os.PathLike[str], *, verify: bool = True) -> Bundle:
                     state = {k: npz[k] for k in npz.files}
             except (OSError, ValueError) as exc:
                 raise BundleError(f"{state_path}: unreadable extractor state ({exc})") from exc
-        if index_type == "flat":
+        index: faiss.Index | None = None
+        if not search_indexes:
+            pass
+        elif index_type == "flat":
             index, descriptors = flat_index(descriptors, info["metric"])
         else:
             index_path = version_dir / info["files"]["index"]

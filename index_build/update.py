@@ -73,7 +73,7 @@ def _publish(
                 files["state"] = info["files"]["state"]
                 writer.copy_file(files["state"], old_dir / info["files"]["state"])
             if method.index_type != "flat":
-                if appended:
+                if appended and method.index is not None:
                     index = faiss.deserialize_index(faiss.serialize_index(method.index))  # a copy of any type
                     index.add(np.ascontiguousarray(descriptors[name][len(bundle) :], dtype=np.float32))
                 else:

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from cbmir.errors import CbmirError, InvalidInputError
+from cbmir.errors import BackendUnavailableError, InvalidInputError
 from cbmir.index_build.bundle import Bundle, MethodIndex
 
 from .base import Allowed, RowSelection, SearchBackend, allowed_mask, drop_excluded, pad, to_true_distance
@@ -25,10 +25,6 @@ log = logging.getLogger(__name__)
 
 MAX_TOPK = 16_384
 """Milvus' largest ``limit`` per search."""
-
-
-class BackendUnavailableError(CbmirError):
-    """The search backend cannot be reached (gRPC ``UNAVAILABLE``)."""
 
 
 class MilvusBackend(SearchBackend):
@@ -104,7 +100,7 @@ class MilvusBackend(SearchBackend):
     def _search(self, method: MethodIndex, q: np.ndarray, k: int, expr: str | None) -> tuple[np.ndarray, np.ndarray]:
         _, _, search = index_params(method.index_type, method.info.get("index_params", {}), self.count)
         l1 = method.metric == "l1"
-        limit = min(MAX_TOPK, self.count, max(200, L1_CANDIDATES * k) if l1 else k)
+        limit = min(MAX_TOPK, self.count, max(500, L1_CANDIDATES * k) if l1 else k)
         hits = self._call(
             "search",
             self.client.search,
@@ -121,7 +117,7 @@ class MilvusBackend(SearchBackend):
         vectors = np.zeros((len(q), limit, method.dim), np.float32) if l1 else None
         for i, per_query in enumerate(hits):
             for j, hit in enumerate(per_query):
-                rows[i, j] = int(hit["id"])
+                rows[i, j] = int(hit["row"])
                 scores[i, j] = float(hit["distance"])
                 if vectors is not None:
                     vectors[i, j] = hit["entity"]["vector"]

@@ -34,6 +34,8 @@ from .milvus_schema import (
 log = logging.getLogger("cbmir.publish")
 
 INSERT_BATCH = 5_000
+META_PROPERTY = "cbmir.meta"
+"""Collection property holding the JSON record of the bundle version (milvus-lite keeps no descriptions)."""
 MAX_VARCHAR = 65_535
 
 
@@ -118,10 +120,16 @@ def publish_bundle(
     return report
 
 
+def collection_meta(client: Any, name: str) -> dict[str, Any] | None:
+    """What cbmir recorded about a collection (its ``cbmir.meta`` property, else its description), or None."""
+    described = client.describe_collection(name)
+    return read_description(described.get("properties", {}).get(META_PROPERTY) or described.get("description", ""))
+
+
 def _complete(client: Any, name: str, bundle: Bundle, method: str) -> bool:
     if not client.has_collection(name):
         return False
-    doc = read_description(client.describe_collection(name).get("description", ""))
+    doc = collection_meta(client, name)
     if doc is None or doc.get("bundle_version") != bundle.version or doc.get("method") != method:
         return False
     rows = int(client.get_collection_stats(name).get("row_count", -1))
@@ -132,17 +140,14 @@ def _create(client: Any, name: str, bundle: Bundle, method: str, fields: dict[st
     from pymilvus import DataType, MilvusClient
 
     info = bundle.methods[method]
-    schema = MilvusClient.create_schema(
-        auto_id=False,
-        enable_dynamic_field=False,
-        description=description(bundle.version, method, info.dim, info.metric, fields, len(bundle)),
-    )
+    text = description(bundle.version, method, info.dim, info.metric, fields, len(bundle))
+    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False, description=text)
     schema.add_field("row", DataType.INT64, is_primary=True)
     schema.add_field("vector", DataType.FLOAT_VECTOR, dim=info.dim)
-    schema.add_field("id", DataType.VARCHAR, max_length=_max_length(bundle.ids))
+    schema.add_field("image_id", DataType.VARCHAR, max_length=_max_length(bundle.ids))
     for column, field_name in fields.items():
         schema.add_field(field_name, DataType.VARCHAR, max_length=_max_length(bundle.metadata[column]))
-    client.create_collection(name, schema=schema)
+    client.create_collection(name, schema=schema, description=text, properties={META_PROPERTY: text})
 
 
 def _max_length(values: list[str]) -> int:
@@ -161,7 +166,7 @@ def _insert(
         stop = min(len(bundle), start + INSERT_BATCH)
         block = np.asarray(vectors[start:stop], dtype=np.float32).tolist()
         rows = [
-            {"row": r, "vector": block[r - start], "id": bundle.ids[r], **{f: col[r] for f, col in columns.items()}}
+            {"row": r, "vector": block[r - start], "image_id": bundle.ids[r], **{f: col[r] for f, col in columns.items()}}
             for r in range(start, stop)
         ]
         client.insert(name, rows)
@@ -194,7 +199,7 @@ def published_collection(client: Any, uri: str, prefix: str, bundle: Bundle, met
     fix = f"run: cbmir publish --index {bundle.path.parent} --milvus {uri} --collection {prefix}"
     if not client.has_collection(name):
         raise InvalidInputError(f"Milvus at {uri} has no collection {name} for bundle version {bundle.version}; {fix}")
-    doc = read_description(client.describe_collection(name).get("description", ""))
+    doc = collection_meta(client, name)
     info = bundle.methods[method]
     if doc is None:
         raise InvalidInputError(f"Milvus collection {name} at {uri} was not published by cbmir; {fix}")

@@ -2,8 +2,8 @@
 
 One collection per method, named ``{prefix}_{method}_{version}``; the alias ``{prefix}_{method}`` names the one
 being served (publishing switches it atomically). Fields: ``row`` (INT64 primary key: the bundle row), ``vector``,
-``id`` and one VARCHAR per metadata column (``m0``, ``m1``, ... in column order; the collection's description, a
-JSON document, maps them back and records the bundle version, method, dim and metric).
+``image_id`` and one VARCHAR per metadata column (``m0``, ``m1``, ... in column order; a JSON record in the collection's
+``cbmir.meta`` property and description maps them back and records the bundle version, method, dim and metric).
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ METRICS: Mapping[str, str] = MappingProxyType({"l2": "L2", "cosine": "IP", "l1":
 """Bundle metric -> Milvus metric. Milvus has no L1: L1 methods (HOG) are searched by L2 for candidates, then
 re-ranked exactly by L1 in cbmir (see :data:`L1_CANDIDATES`)."""
 
-L1_CANDIDATES = 20
-"""Candidates per wanted hit fetched by L2 for an L1 method before exact L1 re-ranking (at least 200)."""
+L1_CANDIDATES = 50
+"""Candidates per wanted hit fetched by L2 for an L1 method before exact L1 re-ranking (at least 500)."""
 
 
 def check_prefix(prefix: str) -> str:

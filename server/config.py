@@ -64,6 +64,17 @@ class ServerConfig:
             choices=("auto", "cpu", "cuda"),
         ),
     )
+    milvus: str | None = field(
+        default=None,
+        metadata=option(
+            "search on Milvus instead of in-process FAISS: a milvus-lite file (FILE.db) or http://HOST:19530; "
+            "publish the bundle there first (cbmir publish)",
+            metavar="URI",
+        ),
+    )
+    milvus_collection: str = field(
+        default="cbmir", metadata=option("collection prefix given to cbmir publish", metavar="PREFIX")
+    )
     default_method: str = field(default="cnn", metadata=option("method of requests that name none (if indexed)"))
     grace_s: float = field(default=10.0, metadata=option("seconds in-flight streams get on SIGTERM", flag="--grace"))
     torch_threads: int = field(default=1, metadata=option("intra-op threads per request for the extractors"))

@@ -14,8 +14,9 @@ import grpc
 import numpy as np
 
 from cbmir.errors import BundleError, CbmirError, InvalidInputError, NotFoundError, NotReadyError
-from cbmir.index_build.bundle import load_bundle, resolve_version_dir
+from cbmir.index_build.bundle import Bundle, load_bundle, resolve_version_dir
 from cbmir.index_build.update import remove_from_bundle
+from cbmir.search_backends import SearchBackend
 from cbmir.timing import add_stages, stage
 from cbmir.v1 import retrieval_pb2 as pb
 from cbmir.v1 import retrieval_pb2_grpc as pb_grpc
@@ -48,6 +49,19 @@ class RetrievalService(pb_grpc.RetrievalServicer):
         self._live: tuple[SearchEngine, dict[str, MicroBatcher]] | None = None
         self._reload_lock = threading.Lock()
         self._ingest_lock = threading.Lock()
+        self._milvus: Any = None
+
+    def _backend(self, bundle: Bundle) -> SearchBackend | None:
+        """The Milvus backend for ``bundle`` when serving from Milvus (one client for the server's life), else
+        None (the engine's in-process FAISS)."""
+        if not self.config.milvus:
+            return None
+        from cbmir.search_backends.milvus_backend import MilvusBackend
+        from cbmir.search_backends.milvus_publish import connect_milvus
+
+        if self._milvus is None:
+            self._milvus = connect_milvus(self.config.milvus)
+        return MilvusBackend(bundle, self._milvus, self.config.milvus, self.config.milvus_collection)
 
     @property
     def engine(self) -> SearchEngine | None:
@@ -75,12 +89,14 @@ class RetrievalService(pb_grpc.RetrievalServicer):
                 self.metrics.reloads.labels(result="unchanged").inc()
                 return False
             try:
+                bundle = load_bundle(self.config.index, search_indexes=not self.config.milvus)
                 engine = SearchEngine(
-                    load_bundle(self.config.index),
+                    bundle,
                     device=self.config.device,
                     runtime=self.config.runtime,
                     precision=self.config.precision,
                     search_device=self.config.search_device,
+                    backend=self._backend(bundle),
                 )
                 engine.warmup()
             except CbmirError:

@@ -10,6 +10,7 @@ from typing import Any, cast
 import grpc
 
 from cbmir.errors import (
+    BackendUnavailableError,
     BundleError,
     InvalidInputError,
     NotFoundError,
@@ -25,6 +26,7 @@ STATUS_OF: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT),
     (NotFoundError, grpc.StatusCode.NOT_FOUND),
     (OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (BackendUnavailableError, grpc.StatusCode.UNAVAILABLE),
     (NotReadyError, grpc.StatusCode.FAILED_PRECONDITION),
     (BundleError, grpc.StatusCode.FAILED_PRECONDITION),
     (UnauthenticatedError, grpc.StatusCode.UNAUTHENTICATED),
