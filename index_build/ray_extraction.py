@@ -34,6 +34,8 @@ from .build import Extraction
 log = logging.getLogger("cbmir.build")
 
 RAY_RETRIES = 3
+DECODE_CPUS = 0.5
+"""CPUs a decode task asks Ray for (reading and decoding is lighter than describing)."""
 """Times a decode task or an extractor actor is retried or restarted after its worker died."""
 
 
@@ -162,7 +164,7 @@ def extract_archive_ray(
         archive: the images (their uris must be readable by the workers: shared folders, zips or npz files).
         methods: fitted extractors by method name (their configuration and state are shipped to the actors).
         address: Ray cluster address (see the module docstring).
-        actors: extractor actors (default: the cluster's CPUs, or GPUs when the device is CUDA).
+        actors: extractor actors (default: the cluster's CPUs less one, or its GPUs when the device is CUDA).
         batch_size: rows per decode task and per extractor call.
         device: where the actors' extractors run; ``cuda`` gives every actor one GPU.
         progress: log progress lines.
@@ -178,7 +180,9 @@ def extract_archive_ray(
     ray_mod = start_ray(address)
     cpus = int(ray_mod.cluster_resources().get("CPU", 1))
     gpus = int(ray_mod.cluster_resources().get("GPU", 0)) if device.startswith("cuda") else 0
-    pool = actors or (gpus if gpus else max(1, cpus))
+    pool = actors or (gpus if gpus else max(1, cpus - 1))
+    # decode tasks need CPU too: actors never take more than the cluster's CPUs minus one decode task's share
+    actor_cpus = min(1.0, max(0.1, (cpus - DECODE_CPUS) / pool))
     specs = {name: (ex.name, ex.config(), ex.state()) for name, ex in methods.items()}
     rows = [{"row": i, "uri": e.uri} for i, e in enumerate(archive.entries)]
     t0 = time.perf_counter()
@@ -188,6 +192,7 @@ def extract_archive_ray(
         batch_size=batch_size,
         fn_kwargs={"windows": archive.windows},
         batch_format="numpy",
+        num_cpus=DECODE_CPUS,
         max_retries=RAY_RETRIES,
     )
     ds = ds.map_batches(
@@ -196,7 +201,7 @@ def extract_archive_ray(
         fn_constructor_kwargs={"specs": specs, "device": device},
         concurrency=pool,
         num_gpus=1 if gpus else 0,
-        num_cpus=1,
+        num_cpus=actor_cpus,
         batch_format="numpy",
         max_restarts=RAY_RETRIES,
         max_task_retries=RAY_RETRIES,
