@@ -4,7 +4,7 @@ SHARED ?= ../shared/data
 BUNDLES ?= bundles
 RESULTS ?= docs/results
 
-.PHONY: setup demo test test-slow lint proto eval eval-mednist eval-unifesp eval-cv eval-cv-unifesp eval-cv-mednist bench bench-bundle \
+.PHONY: setup demo test test-slow lint proto eval eval-mednist eval-unifesp eval-cv eval-cv-unifesp eval-cv-mednist eval-runtimes bench bench-bundle \
 	soak report clean
 
 # Debian's chromium drives the page test (tests/test_ui.py); installed when missing and apt-get is at hand (root).
@@ -49,6 +49,15 @@ eval-unifesp:
 		--extractors cnn,hog,bovw --image-size 224 --no-progress
 	cbmir eval --index $(BUNDLES)/unifesp --methods cnn,hog,bovw,cnn+hog --k-prep 10 \
 		--relevance label --exclude-same patient_id --json $(RESULTS)/unifesp.json --no-progress
+
+# Retrieval quality per cnn runtime and precision (UNIFESP single-label, 224 px, patient-disjoint): about 4 minutes.
+RUNTIMES ?= torch/fp32 openvino/fp32 onnxruntime/fp32 openvino/bf16 torch/bf16 openvino/int8
+eval-runtimes:
+	for rp in $(RUNTIMES); do r=$${rp%/*}; p=$${rp#*/}; \
+	cbmir build --images $(SHARED)/unifesp_bodypart --select single_label=1 --out $(BUNDLES)/unifesp-$$r-$$p \
+		--extractors cnn --image-size 224 --runtime $$r --precision $$p --no-progress && \
+	cbmir eval --index $(BUNDLES)/unifesp-$$r-$$p --methods cnn --relevance label --exclude-same patient_id \
+		--json $(RESULTS)/runtimes/unifesp-$$r-$$p.json --no-progress || exit 1; done
 
 # Group k-fold cross-validation with fine-tuning per fold (cbmir train inside): UNIFESP about 40 min, MedNIST
 # about 20 min on a 2-core CPU.

@@ -79,6 +79,10 @@ class Archive:
     def load(self, index: int) -> ImageRecord:
         raise NotImplementedError
 
+    def subset(self, indices: Sequence[int]) -> Archive:
+        """The entries at ``indices`` (in that order), decoded by this archive."""
+        return _Subset(self, indices)
+
     def select(self, where: dict[str, str]) -> Archive:
         """Keep only entries whose metadata matches every ``field=value`` pair in ``where``."""
         if not where:
@@ -88,7 +92,7 @@ class Archive:
         if unknown:
             raise InvalidInputError(f"cannot select on unknown metadata field(s) {unknown}; known: {sorted(known)}")
         keep = [i for i, e in enumerate(self.entries) if all(e.metadata.get(k) == v for k, v in where.items())]
-        return _Subset(self, keep)
+        return self.subset(keep)
 
 
 class _Subset(Archive):

@@ -51,16 +51,18 @@ class RetrievalService(pb_grpc.RetrievalServicer):
         self._ingest_lock = threading.Lock()
         self._milvus: Any = None
 
-    def _backend(self, bundle: Bundle) -> SearchBackend | None:
+    def _backend(self, bundle: Bundle, *, publish: bool = False) -> SearchBackend | None:
         """The Milvus backend for ``bundle`` when serving from Milvus (one client for the server's life), else
-        None (the engine's in-process FAISS)."""
+        None (the engine's in-process FAISS); ``publish`` loads the version into Milvus first."""
         if not self.config.milvus:
             return None
         from cbmir.search_backends.milvus_backend import MilvusBackend
-        from cbmir.search_backends.milvus_publish import connect_milvus
+        from cbmir.search_backends.milvus_publish import connect_milvus, publish_bundle
 
         if self._milvus is None:
             self._milvus = connect_milvus(self.config.milvus)
+        if publish:
+            publish_bundle(bundle, self._milvus, self.config.milvus_collection)
         return MilvusBackend(bundle, self._milvus, self.config.milvus, self.config.milvus_collection)
 
     @property
@@ -73,8 +75,10 @@ class RetrievalService(pb_grpc.RetrievalServicer):
         live = self._live
         return {} if live is None else live[1]
 
-    def load(self) -> bool:
+    def load(self, *, publish: bool = False) -> bool:
         """Load, validate and warm the bundle's live version and make it the one requests use.
+
+        ``publish``: when serving from Milvus, first publish the version (this server just wrote it by ingestion).
 
         Returns:
             False when that version is already being served (nothing changed).
@@ -96,7 +100,7 @@ class RetrievalService(pb_grpc.RetrievalServicer):
                     runtime=self.config.runtime,
                     precision=self.config.precision,
                     search_device=self.config.search_device,
-                    backend=self._backend(bundle),
+                    backend=self._backend(bundle, publish=publish),
                 )
                 engine.warmup()
             except CbmirError:
@@ -196,7 +200,7 @@ class RetrievalService(pb_grpc.RetrievalServicer):
         with self._ingest_lock, self._request("AddImages", context) as (engine, record):
             results, report = ingest(engine, request_iterator, self.config)
             if report is not None and report.added:
-                self.load()  # the new version is durable on disk; serve it before acknowledging
+                self.load(publish=True)  # the new version is durable on disk; serve it before acknowledging
             record.update(items=len(results), added=sum(r.status == "added" for r in results))
             for result in results:
                 self.metrics.ingested.labels(status=result.status).inc()
@@ -207,7 +211,7 @@ class RetrievalService(pb_grpc.RetrievalServicer):
         with self._ingest_lock, self._request("RemoveImages", context) as (_, record):
             report = remove_from_bundle(self.config.index, list(request.ids), missing_ok=request.missing_ok)
             if report.removed:
-                self.load()
+                self.load(publish=True)
             record.update(removed=len(report.removed))
         live = self._engine()
         return pb.RemoveImagesResponse(removed=report.removed, version=live.bundle.version, count=len(live.bundle))
