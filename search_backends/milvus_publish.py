@@ -166,7 +166,12 @@ def _insert(
         stop = min(len(bundle), start + INSERT_BATCH)
         block = np.asarray(vectors[start:stop], dtype=np.float32).tolist()
         rows = [
-            {"row": r, "vector": block[r - start], "image_id": bundle.ids[r], **{f: col[r] for f, col in columns.items()}}
+            {
+                "row": r,
+                "vector": block[r - start],
+                "image_id": bundle.ids[r],
+                **{f: col[r] for f, col in columns.items()},
+            }
             for r in range(start, stop)
         ]
         client.insert(name, rows)
