@@ -403,10 +403,36 @@ def cmd_eval(args: argparse.Namespace) -> int:
             for m in methods
             if "+" not in m
         ]
+    if args.shift:
+        from cbmir.evaluation.site_shift import evaluate_site_shift, parse_shifts
+
+        doc["site_shift"] = evaluate_site_shift(
+            bundle,
+            methods,
+            _csv(args.relevance),
+            parse_shifts(args.shift),
+            queries=args.shift_queries,
+            seed=args.shift_seed,
+            exclude_same=args.exclude_same,
+            k_prep=args.k_prep,
+            device=args.device,
+            runtime=args.runtime,
+            precision=args.precision,
+        )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(doc, indent=2))
     print(_markdown_table(doc["results"]))
+    if "site_shift" in doc:
+        shift = doc["site_shift"]
+        print(f"\nsite shift ({'+'.join(shift['shifts'])}, {shift['queries']} queries, seed {shift['seed']}):")
+        print("| method | relevance | P@1 | P@1 shifted | P@10 | P@10 shifted |")
+        print("|---|---|---|---|---|---|")
+        for r in shift["results"]:
+            u, s = r["unshifted"], r["shifted"]
+            print(
+                f"| {r['method']} | {r['relevance']} | {u['P@1']:.4f} | {s['P@1']:.4f} | {u['P@10']:.4f} | {s['P@10']:.4f} |"
+            )
     for study in doc.get("studies", []):
         figures = ", ".join(f"{name} {value:.4f}" for name, value in study["seed_mAP"].items())
         print(f"study queries ({study['method']}, {study['studies']} studies by {study['study_field']}): {figures}")
@@ -704,6 +730,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--relevance", default="label", help="comma-separated fields; a&b needs both to match")
     e.add_argument("--exclude-same", help="never retrieve images sharing this field with the query (patient_id)")
     e.add_argument("--json", help="write the result document here")
+    e.add_argument(
+        "--shift",
+        help="also query with re-exported archive images: windows,gamma,jpeg,resize,noise (any of them) or all",
+    )
+    e.add_argument("--shift-queries", type=_positive_int, default=500, help="archive images re-exported as queries")
+    e.add_argument("--shift-seed", type=int, default=0, help="seed of the re-export parameters and the sample")
     _add_runtime(e, indexed=True)
     e.add_argument(
         "--study-field",

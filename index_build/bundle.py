@@ -277,6 +277,8 @@ class MethodIndex:
     state: dict[str, np.ndarray]
     info: dict[str, Any] = field(default_factory=dict)
     manifest_path: str = MANIFEST
+    storage_owner: Any = field(default=None, repr=False)
+    """What owns the memory ``descriptors`` views (the flat index); kept so replacing ``index`` never frees it."""
 
     def restore_extractor(
         self, device: str = "auto", runtime: str | None = None, precision: str | None = None
@@ -427,6 +429,7 @@ def load_bundle(path: str | os.PathLike[str], *, verify: bool = True, search_ind
             state=state,
             info=info,
             manifest_path=str(version_dir / MANIFEST),
+            storage_owner=index if index_type == "flat" else None,
         )
     return Bundle(version_dir, manifest, ids, uris, metadata, methods, content_hashes=hashes)
 
