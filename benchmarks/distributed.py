@@ -27,7 +27,7 @@ from .common import add_io_args, environment, percentiles, write_result
 
 
 def measure_extraction(bundle_path: str, zip_path: str, images: int) -> dict[str, Any]:
-    from cbmir.index_build.ray_extraction import extract_archive_ray, start_ray
+    from cbmir.index_build.ray_extraction import RayOptions, extract_archive_ray, start_ray
 
     bundle = load_bundle(bundle_path)
     methods = {name: m.restore_extractor("cpu") for name, m in bundle.methods.items()}
@@ -43,11 +43,11 @@ def measure_extraction(bundle_path: str, zip_path: str, images: int) -> dict[str
     runs: dict[str, Any] = {"in_process_images_per_s": round(in_process, 1), "ray_startup_s": round(startup_s, 2)}
     small = archive.subset(sorted(picked[:64].tolist()))
     t0 = time.perf_counter()
-    extract_archive_ray(small, methods, actors=1, batch_size=64, progress=False)
+    extract_archive_ray(small, methods, RayOptions(actors=1), batch_size=64, progress=False)
     runs["ray_64_images_s"] = round(time.perf_counter() - t0, 2)
     for actors in (1, 2):
         t0 = time.perf_counter()
-        out = extract_archive_ray(subset, methods, actors=actors, batch_size=64, progress=False)
+        out = extract_archive_ray(subset, methods, RayOptions(actors=actors), batch_size=64, progress=False)
         rate = images / (time.perf_counter() - t0)
         diff = max(float(np.abs(out.raw[n] - local.raw[n]).max()) for n in methods)
         runs[f"ray_{actors}_actors_images_per_s"] = round(rate, 1)

@@ -561,12 +561,7 @@ def _add_runtime(p: Any, *, indexed: bool) -> None:
     from cbmir.defaults import PRECISIONS, RUNTIME_CHOICES
 
     if indexed:
-        p.add_argument(
-            "--runtime",
-            default="bundle",
-            choices=("bundle", *RUNTIME_CHOICES),
-            help="cnn inference runtime (bundle: the one it was indexed with; another one is logged as a mix)",
-        )
+        _add_indexed_runtime(p)
         p.add_argument("--precision", choices=PRECISIONS, help="cnn precision (default: the bundle's)")
         return
     p.add_argument(
@@ -580,6 +575,18 @@ def _add_runtime(p: Any, *, indexed: bool) -> None:
         default="fp32",
         choices=PRECISIONS,
         help="cnn precision (int8 is calibrated on the --fit-sample images); recorded in the bundle",
+    )
+
+
+def _add_indexed_runtime(p: Any) -> None:
+    """--runtime of commands that describe with a bundle's cnn (default: the runtime it was indexed with)."""
+    from cbmir.defaults import RUNTIME_CHOICES
+
+    p.add_argument(
+        "--runtime",
+        default="bundle",
+        choices=("bundle", *RUNTIME_CHOICES),
+        help="cnn inference runtime (bundle: the one it was indexed with; another one is logged as a mix)",
     )
 
 
@@ -687,12 +694,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--id-prefix", default="", help="prepended to the new images' ids (keeps sources apart)")
     a.add_argument("--batch-size", type=int, default=64, help="images decoded and described per batch")
     _add_device(a)
-    a.add_argument(
-        "--runtime",
-        default="bundle",
-        choices=("bundle", "auto", "torch", "openvino", "onnxruntime"),
-        help="cnn inference runtime (bundle: the one it was indexed with; another one is logged as a mix)",
-    )
+    _add_indexed_runtime(a)
     _add_ray(a)
     _add_no_progress(a)
     a.set_defaults(func=cmd_add)

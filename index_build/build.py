@@ -213,8 +213,7 @@ def build_bundle(
         extraction = extract_archive_ray(
             archive,
             methods,
-            address=ray.address,
-            actors=ray.actors,
+            ray,
             batch_size=batch_size,
             device=str(torch_device),
             progress=progress,

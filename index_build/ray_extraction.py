@@ -149,9 +149,8 @@ def start_ray(address: str | None, num_cpus: int | None = None) -> Any:
 def extract_archive_ray(
     archive: Archive,
     methods: dict[str, Extractor],
+    options: RayOptions | None = None,
     *,
-    address: str | None = None,
-    actors: int | None = None,
     batch_size: int = 64,
     device: str = "cpu",
     progress: bool = True,
@@ -163,8 +162,8 @@ def extract_archive_ray(
     Args:
         archive: the images (their uris must be readable by the workers: shared folders, zips or npz files).
         methods: fitted extractors by method name (their configuration and state are shipped to the actors).
-        address: Ray cluster address (see the module docstring).
-        actors: extractor actors (default: the cluster's CPUs less one, or its GPUs when the device is CUDA).
+        options: the Ray cluster address (see the module docstring) and the number of extractor actors (default:
+            the cluster's CPUs less one, or its GPUs when the device is CUDA).
         batch_size: rows per decode task and per extractor call.
         device: where the actors' extractors run; ``cuda`` gives every actor one GPU.
         progress: log progress lines.
@@ -177,10 +176,11 @@ def extract_archive_ray(
     on_skip = on_skip or (lambda s: log.warning("skipped %s", s["error"]))
     if any(e.uri.startswith("ingest://") for e in archive.entries[:1]):
         raise InvalidInputError("images ingested over the API are described in the server, not on Ray")
-    ray_mod = start_ray(address)
+    options = options or RayOptions()
+    ray_mod = start_ray(options.address)
     cpus = int(ray_mod.cluster_resources().get("CPU", 1))
     gpus = int(ray_mod.cluster_resources().get("GPU", 0)) if device.startswith("cuda") else 0
-    pool = actors or (gpus if gpus else max(1, cpus - 1))
+    pool = options.actors or (gpus if gpus else max(1, cpus - 1))
     # decode tasks need CPU too: actors never take more than the cluster's CPUs minus one decode task's share
     actor_cpus = min(1.0, max(0.1, (cpus - DECODE_CPUS) / pool))
     specs = {name: (ex.name, ex.config(), ex.state()) for name, ex in methods.items()}

@@ -152,8 +152,7 @@ def add_to_bundle(
             extraction = extract_archive_ray(
                 archive,
                 extractors,
-                address=ray.address,
-                actors=ray.actors,
+                ray,
                 batch_size=batch_size,
                 device=str(next(iter(extractors.values())).device),
                 progress=progress,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from cbmir.defaults import DEFAULT_MAX_PIXELS
+from cbmir.defaults import DEFAULT_MAX_PIXELS, PRECISIONS, RUNTIME_CHOICES
 from cbmir.options import option
 
 DEFAULT_K = 10
@@ -50,12 +50,12 @@ class ServerConfig:
         default="bundle",
         metadata=option(
             "cnn inference runtime: the bundle's (as indexed), auto, torch, openvino or onnxruntime",
-            choices=("bundle", "auto", "torch", "openvino", "onnxruntime"),
+            choices=("bundle", *RUNTIME_CHOICES),
         ),
     )
     precision: str | None = field(
         default=None,
-        metadata=option("cnn precision: fp32, bf16 or int8 (default: the bundle's)", choices=("fp32", "bf16", "int8")),
+        metadata=option("cnn precision: fp32, bf16 or int8 (default: the bundle's)", choices=PRECISIONS),
     )
     search_device: str = field(
         default="cpu",
