@@ -32,6 +32,7 @@ from cbmir.extractors import create_extractor
 from cbmir.extractors.cnn import CNNExtractor
 from cbmir.index_build.bundle import Bundle, MethodIndex, flat_index
 from cbmir.index_build.index_types import build_index
+from cbmir.index_build.records import Records
 from cbmir.server.search_engine import SearchEngine
 from cbmir.training import TrainConfig
 from cbmir.training.dataset import LabelledImages, balanced_subsample
@@ -216,9 +217,8 @@ def cross_validate(
                 t0 = time.perf_counter()
                 learned["multiscale"] = _method_index("multiscale", "cnn", _describe(ms, data.images), "l2")
                 info["multiscale_describe_s"] = round(time.perf_counter() - t0, 1)
-        bundle = Bundle(
-            Path(f"cv-fold-{fold}"), {}, list(data.ids), list(data.ids), data.metadata, {**fixed, **learned}
-        )
+        records = Records.from_columns(list(data.ids), list(data.ids), data.metadata)
+        bundle = Bundle(Path(f"cv-fold-{fold}"), {}, records, {**fixed, **learned})
         engine = SearchEngine(bundle, device=device, extractors={"classpred": ft} if ft is not None else None)
         fold_excluded = [excluded[i] for i in test]
         for spec in methods:

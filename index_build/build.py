@@ -26,8 +26,9 @@ from cbmir.machine import cpu_model
 from cbmir.progress import progress_step
 
 from .archive import Archive, ImageRecord
-from .bundle import RECORDS, BundleWriter, update_lock
+from .bundle import BundleWriter, update_lock
 from .index_types import build_index, check_index_type, choose_index_type
+from .records import Records
 
 if TYPE_CHECKING:
     from .ray_extraction import RayOptions
@@ -54,17 +55,6 @@ def _load_batch(archive: Archive, indices: Sequence[int]) -> tuple[list[ImageRec
         except InvalidInputError as exc:
             skipped.append({"id": archive.entries[i].id, "uri": archive.entries[i].uri, "error": str(exc)})
     return records, skipped
-
-
-def records_columns(records: Sequence[tuple[str, str, dict[str, str], str]]) -> dict[str, Any]:
-    """The column-oriented records.json document of (id, uri, metadata, content hash) rows."""
-    fields = sorted({k for _, _, meta, _ in records for k in meta})
-    return {
-        "ids": [r[0] for r in records],
-        "uris": [r[1] for r in records],
-        "metadata": {f: [meta.get(f, "") for _, _, meta, _ in records] for f in fields},
-        "content_sha256": [r[3] for r in records],
-    }
 
 
 @dataclass
@@ -238,7 +228,7 @@ def build_bundle(
     t0 = time.perf_counter()
     method_info: dict[str, Any] = {}
     with update_lock(out), BundleWriter(out) as writer:
-        writer.write_json(RECORDS, records_columns(records))
+        writer.write_records(Records.from_rows(records))
         for name, ex in methods.items():
             files = {"descriptors": f"{name}.npy"}
             writer.write_array(files["descriptors"], descriptors[name])

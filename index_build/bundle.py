@@ -7,7 +7,8 @@ Layout::
       v20261122T101500Z-3fa1/  one immutable version
         manifest.json          format version, methods (extractor config, dim, metric, index type), counts,
                                build settings and timings, sha256 and size of every other file
-        records.json           ids, uris, metadata columns and pixel-content hashes, row-aligned with the descriptors
+        records.parquet        ids, uris, metadata columns and pixel-content hashes, row-aligned with the descriptors
+                               (format 1: records.json, still read)
         <method>.npy           searchable descriptors, float32 (N, dim)
         <method>.state.npz     fitted extractor state (network weights, vocabulary, IDF, PCA)
         <method>.faiss         trained approximate index (only for index types other than flat)
@@ -42,13 +43,15 @@ from cbmir.extractors.imaging import DicomWindows, dicom_windows
 
 from .index_types import FAISS_METRICS, apply_search_params
 from .manifest import MANIFEST, MANIFEST_CHECKSUM, manifest_digest, validate_manifest, verify_manifest_bytes
+from .records import RECORDS_JSON, RECORDS_PARQUET, Records, RowOfId, StringColumn, read_records, write_records
 
 log = logging.getLogger(__name__)
 
 FORMAT = "cbmir-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)
+"""Format 1 kept records in ``records.json``; format 2 in ``records.parquet``."""
 CURRENT = "CURRENT"
-RECORDS = "records.json"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -122,6 +125,10 @@ class BundleWriter:
     def write_json(self, name: str, obj: Any) -> None:
         (self.tmp / name).write_text(json.dumps(obj, separators=(",", ":")))
         self._files.append(name)
+
+    def write_records(self, records: Records) -> None:
+        write_records(self.tmp / RECORDS_PARQUET, records)
+        self._files.append(RECORDS_PARQUET)
 
     def commit(self, manifest: dict[str, Any]) -> Path:
         """Checksum, fsync and publish; returns the new version directory."""
@@ -241,10 +248,11 @@ def read_manifest(version_dir: Path) -> dict[str, Any]:
         raise BundleError(f"{path}: not valid JSON ({exc})") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise BundleError(f"{path}: not a cbmir bundle manifest (field format)")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_FORMAT_VERSIONS:
         raise BundleError(
             f"{path}: bundle format version {manifest.get('format_version')!r} is not supported "
-            f"(this cbmir reads version {FORMAT_VERSION}); rebuild the bundle"
+            f"(this cbmir reads versions {', '.join(map(str, READABLE_FORMAT_VERSIONS))}); rebuild the bundle with "
+            "`cbmir build`, or serve it with the cbmir that wrote it"
         )
     return validate_manifest(manifest, path, known_extractors=list_extractors)
 
@@ -328,18 +336,32 @@ class Bundle:
 
     path: Path
     manifest: dict[str, Any]
-    ids: list[str]
-    uris: list[str]
-    metadata: dict[str, list[str]]
+    records: Records
     methods: dict[str, MethodIndex]
-    content_hashes: list[str] = field(default_factory=list)
-    row_of: dict[str, int] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.row_of = {id_: i for i, id_ in enumerate(self.ids)}
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return len(self.records)
+
+    @property
+    def ids(self) -> StringColumn:
+        return self.records.ids
+
+    @property
+    def uris(self) -> StringColumn:
+        return self.records.uris
+
+    @property
+    def metadata(self) -> dict[str, StringColumn]:
+        return self.records.metadata
+
+    @property
+    def content_hashes(self) -> StringColumn:
+        return self.records.content_sha256
+
+    @property
+    def row_of(self) -> RowOfId:
+        """Row of each id (built on first use: a sorted permutation, 8 bytes per record)."""
+        return self.records.row_of
 
     @property
     def version(self) -> str:
@@ -354,33 +376,22 @@ class Bundle:
             raise BundleError(f"{self.path / MANIFEST}: build.dicom_windows: {exc}") from exc
 
     def record_metadata(self, row: int) -> dict[str, str]:
-        return {k: v[row] for k, v in self.metadata.items() if v[row] != ""}
+        return self.records.metadata_of(row)
 
 
 def load_bundle(path: str | os.PathLike[str], *, verify: bool = True, search_indexes: bool = True) -> Bundle:
     """Load and validate a bundle; every problem raises :class:`BundleError` naming the bad file.
 
     ``search_indexes=False`` skips the FAISS indices and memory-maps the descriptors (a server whose search
-    runs in Milvus keeps no index in memory).
+    runs in Milvus keeps no index in memory). Records stay in Arrow memory (:mod:`.records`).
     """
     version_dir = resolve_version_dir(path)
     manifest = read_manifest(version_dir)
     if verify:
         verify_files(version_dir, manifest)
-    try:
-        records = json.loads((version_dir / RECORDS).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{version_dir / RECORDS}: unreadable records ({exc})") from exc
-    ids, uris, metadata = records["ids"], records["uris"], records["metadata"]
     count = manifest["count"]
-    hashes = records.get("content_sha256") or [""] * count
-    if (
-        len(ids) != count
-        or len(uris) != count
-        or len(hashes) != count
-        or any(len(col) != count for col in metadata.values())
-    ):
-        raise BundleError(f"{version_dir / RECORDS}: holds a different number of records than the manifest's {count}")
+    records_file = RECORDS_PARQUET if manifest["format_version"] >= 2 else RECORDS_JSON
+    records = read_records(version_dir / records_file, count)
     methods = {}
     for name, info in manifest["methods"].items():
         desc_path = version_dir / info["files"]["descriptors"]
@@ -431,7 +442,7 @@ def load_bundle(path: str | os.PathLike[str], *, verify: bool = True, search_ind
             manifest_path=str(version_dir / MANIFEST),
             storage_owner=index if index_type == "flat" else None,
         )
-    return Bundle(version_dir, manifest, ids, uris, metadata, methods, content_hashes=hashes)
+    return Bundle(version_dir, manifest, records, methods)
 
 
 def _with_runtime(method: str, config: dict[str, Any], runtime: str | None, precision: str | None) -> dict[str, Any]:

@@ -22,9 +22,10 @@ import numpy as np
 from cbmir.errors import InvalidInputError, NotFoundError
 
 from .archive import Archive, ImageRecord
-from .build import extract_archive, records_columns
-from .bundle import RECORDS, Bundle, BundleWriter, load_bundle, update_lock
+from .build import extract_archive
+from .bundle import Bundle, BundleWriter, load_bundle, update_lock
 from .index_types import build_index
+from .records import Records
 
 if TYPE_CHECKING:
     from .ray_extraction import RayOptions
@@ -47,15 +48,10 @@ class UpdateReport:
     conflicts: list[str] = field(default_factory=list)
 
 
-def _records(bundle: Bundle, rows: np.ndarray) -> list[tuple[str, str, dict[str, str], str]]:
-    hashes = bundle.content_hashes or [""] * len(bundle)
-    return [(bundle.ids[r], bundle.uris[r], bundle.record_metadata(int(r)), hashes[r]) for r in rows.tolist()]
-
-
 def _publish(
     root: str | os.PathLike[str],
     bundle: Bundle,
-    records: list[tuple[str, str, dict[str, str], str]],
+    records: Records,
     descriptors: dict[str, np.ndarray],
     operation: dict[str, Any],
     appended: bool,
@@ -64,7 +60,7 @@ def _publish(
     old_dir = bundle.path
     methods: dict[str, Any] = {}
     with BundleWriter(root) as writer:
-        writer.write_json(RECORDS, records_columns(records))
+        writer.write_records(records)
         for name, method in bundle.methods.items():
             info = dict(bundle.manifest["methods"][name])
             files = {"descriptors": f"{name}.npy"}
@@ -176,7 +172,7 @@ def add_to_bundle(
         path = _publish(
             root,
             bundle,
-            _records(bundle, np.arange(len(bundle))) + added,
+            bundle.records.concat(Records.from_rows(added)),
             descriptors,
             {
                 "op": "add",
@@ -201,14 +197,15 @@ def remove_from_bundle(root: str | os.PathLike[str], ids: Sequence[str], *, miss
     """
     with update_lock(root):
         bundle = load_bundle(root)
-        unknown = [i for i in ids if i not in bundle.row_of]
+        found = bundle.row_of.rows(ids)
+        unknown = [i for i, r in zip(ids, found.tolist()) if r < 0]
         if unknown and not missing_ok:
             raise NotFoundError(f"{len(unknown)} id(s) are not in the index (e.g. {unknown[:3]}); nothing was removed")
         drop = np.zeros(len(bundle), dtype=bool)
-        drop[[bundle.row_of[i] for i in ids if i in bundle.row_of]] = True
+        drop[found[found >= 0]] = True
         if drop.all():
             raise InvalidInputError("removing every image would leave an empty index; build a new one instead")
-        removed = [bundle.ids[r] for r in np.flatnonzero(drop)]
+        removed = bundle.ids.take(np.flatnonzero(drop))
         if not removed:
             return UpdateReport(bundle.path, len(bundle))
         keep_rows = np.flatnonzero(~drop)
@@ -216,7 +213,7 @@ def remove_from_bundle(root: str | os.PathLike[str], ids: Sequence[str], *, miss
         path = _publish(
             root,
             bundle,
-            _records(bundle, keep_rows),
+            bundle.records.take(keep_rows),
             descriptors,
             {"op": "remove", "removed": len(removed)},
             appended=False,

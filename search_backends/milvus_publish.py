@@ -19,6 +19,7 @@ import numpy as np
 
 from cbmir.errors import InvalidInputError
 from cbmir.index_build.bundle import Bundle
+from cbmir.index_build.records import StringColumn
 
 from .milvus_schema import (
     METRICS,
@@ -150,8 +151,8 @@ def _create(client: Any, name: str, bundle: Bundle, method: str, fields: dict[st
     client.create_collection(name, schema=schema, description=text, properties={META_PROPERTY: text})
 
 
-def _max_length(values: list[str]) -> int:
-    longest = max((len(v.encode()) for v in values), default=1)
+def _max_length(values: StringColumn) -> int:
+    longest = values.max_bytes()
     if longest > MAX_VARCHAR:
         raise InvalidInputError(f"a metadata value of {longest} bytes exceeds Milvus' VARCHAR limit of {MAX_VARCHAR}")
     return max(1, longest)
@@ -165,14 +166,11 @@ def _insert(
     for start in range(0, len(bundle), INSERT_BATCH):
         stop = min(len(bundle), start + INSERT_BATCH)
         block = np.asarray(vectors[start:stop], dtype=np.float32).tolist()
+        ids = bundle.ids[start:stop]
+        values = {f: col[start:stop] for f, col in columns.items()}
         rows = [
-            {
-                "row": r,
-                "vector": block[r - start],
-                "image_id": bundle.ids[r],
-                **{f: col[r] for f, col in columns.items()},
-            }
-            for r in range(start, stop)
+            {"row": start + j, "vector": block[j], "image_id": ids[j], **{f: v[j] for f, v in values.items()}}
+            for j in range(stop - start)
         ]
         client.insert(name, rows)
         if (start // INSERT_BATCH) % 20 == 19:

@@ -17,6 +17,7 @@ from cbmir.errors import BundleError, InvalidInputError, shown
 from cbmir.extractors import Extractor
 from cbmir.extractors.imaging import DEFAULT_MAX_PIXELS, decode_image
 from cbmir.index_build.bundle import Bundle, MethodIndex
+from cbmir.index_build.records import rows_by_value
 from cbmir.search_backends import Allowed, FaissBackend, RowSelection, SearchBackend
 from cbmir.search_backends.base import pad
 from cbmir.timing import stage
@@ -65,9 +66,7 @@ class SearchEngine:
         self._lock = threading.Lock()
         self._values: dict[str, dict[str, np.ndarray]] = {}
         for field, column in bundle.metadata.items():
-            col = np.asarray(column, dtype=object)
-            uniques, inverse = np.unique(col.astype(str), return_inverse=True)
-            self._values[field] = {u: np.flatnonzero(inverse == i) for i, u in enumerate(uniques) if u != ""}
+            self._values[field] = rows_by_value(column)
 
     @property
     def methods(self) -> list[str]:

@@ -17,7 +17,7 @@ def test_round_trip_keeps_records_descriptors_and_extractors(small_bundle, unife
     assert bundle.methods["hog"].dim == 540
     manifest = bundle.manifest
     assert manifest["count"] == 90 and manifest["methods"]["cnn"]["config"]["weights_sha256"]
-    assert set(manifest["files"]) >= {"records.json", "cnn.npy", "hog.npy", "bovw.npy", "bovw.state.npz"}
+    assert set(manifest["files"]) >= {"records.parquet", "cnn.npy", "hog.npy", "bovw.npy", "bovw.state.npz"}
     # Re-describing an archive image with the restored extractors reproduces its stored descriptor.
     from cbmir.server.search_engine import SearchEngine
 
@@ -49,9 +49,9 @@ def test_altered_file_is_refused_naming_it(small_bundle, tmp_path):
 
 def test_truncated_file_is_refused_naming_it(small_bundle, tmp_path):
     dst, version = _copy(small_bundle, tmp_path)
-    with open(version / "records.json", "r+b") as fh:
+    with open(version / "records.parquet", "r+b") as fh:
         fh.truncate(100)
-    with pytest.raises(BundleError, match=r"records\.json.*truncated"):
+    with pytest.raises(BundleError, match=r"records\.parquet.*truncated"):
         load_bundle(dst)
 
 
