@@ -4,7 +4,7 @@ SHARED ?= ../shared/data
 BUNDLES ?= bundles
 RESULTS ?= docs/results
 
-.PHONY: setup demo test test-slow lint proto eval eval-mednist eval-unifesp eval-cv eval-cv-unifesp eval-cv-mednist eval-runtimes bench bench-bundle \
+.PHONY: setup demo test test-slow lint proto eval eval-mednist eval-unifesp eval-cv eval-cv-unifesp eval-cv-mednist eval-runtimes eval-unifesp-qe bench bench-bundle \
 	soak report clean
 
 # Debian's chromium drives the page test (tests/test_ui.py); installed when missing and apt-get is at hand (root).
@@ -61,6 +61,12 @@ eval-runtimes:
 
 # Group k-fold cross-validation with fine-tuning per fold (cbmir train inside): UNIFESP about 40 min, MedNIST
 # about 20 min on a 2-core CPU.
+# Query expansion and k-reciprocal re-ranking against the plain rankings, on the bundle eval-unifesp builds.
+eval-unifesp-qe:
+	cbmir eval --index $(BUNDLES)/unifesp \
+		--methods cnn,cnn:qe1,cnn:qe2,cnn:qe3,cnn:qe5,cnn:qe10,cnn:kr10,cnn:kr20,cnn:kr30,cnn:qe2:kr20,hog,hog:qe3,hog:kr20,cnn+hog,cnn+hog:qe3 \
+		--k-prep 10 --relevance label --exclude-same patient_id --json $(RESULTS)/unifesp-qe.json --no-progress
+
 eval-cv: eval-cv-unifesp eval-cv-mednist
 
 eval-cv-unifesp:

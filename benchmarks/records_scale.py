@@ -92,8 +92,16 @@ def write_large_bundle(source: str, out: Path, n: int) -> Path:
 
 def measure_load(bundle_dir: str) -> dict[str, Any]:
     """One fresh process's figures for one bundle (run through ``--child``)."""
+    # Imported before measuring, so the RSS figure is the records', not the code's.
+    import pyarrow.dataset
+    import pyarrow.parquet  # noqa: F401
+
     from cbmir.server.search_engine import SearchEngine
 
+    try:
+        import pandas  # noqa: F401  (pyarrow imports it on first use when it is installed)
+    except ImportError:
+        pass
     process = psutil.Process()
     before = process.memory_info().rss
     t0 = time.perf_counter()

@@ -497,6 +497,8 @@ def cmd_query(args: argparse.Namespace) -> int:
             group_size=args.group_size,
             max_distance=args.max_distance,
             offset=args.offset,
+            expand=args.expand,
+            reciprocal_k1=args.reciprocal,
         )
         predicted = client.last_trailers.get("cbmir-predicted-class")
     if args.json:
@@ -727,7 +729,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--index", help="bundle to evaluate (leave-one-out or --queries)")
     e.add_argument("--queries", help="external query images (default: leave-one-out over the archive)")
     e.add_argument("--query-labels", help="labels CSV for --queries")
-    e.add_argument("--methods", help="comma-separated, e.g. cnn,hog,bovw,cnn+hog (A+B = A re-ranked by B)")
+    e.add_argument(
+        "--methods",
+        help="comma-separated, e.g. cnn,hog,bovw,cnn+hog,cnn:qe3 (A+B = A re-ranked by B; "
+        ":qeN = alpha query expansion over the top N hits)",
+    )
     e.add_argument("--k-prep", type=int, default=10, help="candidates re-ranked for A+B methods")
     e.add_argument("--relevance", default="label", help="comma-separated fields; a&b needs both to match")
     e.add_argument("--exclude-same", help="never retrieve images sharing this field with the query (patient_id)")
@@ -795,6 +801,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--method", default="cnn", help="method that ranks the archive (cbmir info lists them)")
     q.add_argument("--rerank", help="method that re-orders the best --k-prep candidates")
     q.add_argument("--k-prep", type=int, default=0, help="candidates re-ranked (0: max(k, 10))")
+    q.add_argument(
+        "--expand", type=int, default=0, metavar="N", help="alpha query expansion over the top N hits (0: off)"
+    )
+    q.add_argument(
+        "--reciprocal", type=int, default=0, metavar="K1", help="k-reciprocal re-ranking with k1 = K1 (0: off)"
+    )
     q.add_argument(
         "--filter",
         action="append",

@@ -73,6 +73,9 @@ class SearchOptions(TypedDict, total=False):
     max_distance: float | None
     offset: int
     fusion: str
+    expand: int
+    expand_alpha: float | None
+    reciprocal_k1: int
 
 
 FilterValue = str | int | float | bool
@@ -127,6 +130,9 @@ def build_request(
     max_distance: float | None = None,
     offset: int = 0,
     fusion: str = "",
+    expand: int = 0,
+    expand_alpha: float | None = None,
+    reciprocal_k1: int = 0,
 ) -> pb.SearchRequest:
     """A ``SearchRequest`` with exactly one query kind set.
 
@@ -141,6 +147,10 @@ def build_request(
         raise InvalidInputError(f"max_distance must be a number >= 0, got {max_distance}")
     if k_prep < 0:
         raise InvalidInputError(f"k_prep must be 0 (default) or at least k, got {k_prep}")
+    if reciprocal_k1 < 0:
+        raise InvalidInputError(f"reciprocal_k1 must be 0 (off) or the neighbour set size, got {reciprocal_k1}")
+    if expand < 0:
+        raise InvalidInputError(f"expand must be 0 (off) or the number of hits to expand with, got {expand}")
     req = pb.SearchRequest(
         k=k,
         method=method,
@@ -154,7 +164,11 @@ def build_request(
         group_size=group_size,
         offset=offset,
         fusion=fusion,
+        expand=expand,
+        reciprocal_k1=reciprocal_k1,
     )
+    if expand_alpha is not None:
+        req.expand_alpha = expand_alpha
     if max_distance is not None:
         req.max_distance = max_distance
     for name, values in (filters or {}).items():

@@ -127,7 +127,7 @@ def cross_validate(
     codes, sizes = group_codes(groups)
     members = np.split(np.argsort(codes, kind="stable"), np.cumsum(sizes)[:-1])
     excluded = [members[codes[i]] for i in range(n)]
-    needed = {name for spec in methods for name in parse_method(spec) if name}
+    needed = {name for spec in methods for name in parse_method(spec).names}
     unknown = needed - set(FIXED) - set(LEARNED)
     if unknown:
         raise InvalidInputError(f"unknown cross-validation method(s) {sorted(unknown)}; use {FIXED + LEARNED}")
@@ -222,7 +222,8 @@ def cross_validate(
         engine = SearchEngine(bundle, device=device, extractors={"classpred": ft} if ft is not None else None)
         fold_excluded = [excluded[i] for i in test]
         for spec in methods:
-            method, rerank = parse_method(spec)
+            parsed = parse_method(spec)
+            method, rerank = parsed.method, parsed.rerank
             queries = bundle.methods[method].descriptors[test]
             rerank_q = bundle.methods[rerank].descriptors[test] if rerank else None
             if method == "classpred" and ft is not None:
@@ -237,6 +238,7 @@ def cross_validate(
                     rerank=rerank,
                     rerank_queries=rerank_q,
                     k_prep=k_prep,
+                    **parsed.search_options(),
                 )
                 routed = predicted >= 0
                 extra["classpred_routed"] += int(routed.sum())
@@ -246,7 +248,14 @@ def cross_validate(
                 rows[spec][test] = result_rows.rows
             else:
                 rows[spec][test] = engine.search(
-                    method, queries, K, exclude=fold_excluded, rerank=rerank, rerank_queries=rerank_q, k_prep=k_prep
+                    method,
+                    queries,
+                    K,
+                    exclude=fold_excluded,
+                    rerank=rerank,
+                    rerank_queries=rerank_q,
+                    k_prep=k_prep,
+                    **parsed.search_options(),
                 ).rows
         fold_info.append(info)
         log.info("fold %d/%d done: %s", fold + 1, folds, info)

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import logging
 import platform
+import re
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -20,6 +22,8 @@ from tqdm import tqdm
 from cbmir.errors import InvalidInputError
 from cbmir.index_build.archive import Archive
 from cbmir.index_build.bundle import Bundle
+from cbmir.server.query_expansion import QueryExpansion
+from cbmir.server.reciprocal_rerank import ReciprocalRerank
 from cbmir.server.search_engine import SearchEngine
 
 from .metrics import average_precision_at_k, mean_precision_at_k, seed_map
@@ -28,14 +32,50 @@ log = logging.getLogger("cbmir.eval")
 K = 10
 
 
-def parse_method(spec: str) -> tuple[str, str | None]:
-    """``cnn`` -> (cnn, None); ``cnn+hog`` -> (cnn, hog): candidates by the first, re-ranked by the second."""
-    parts = spec.split("+")
-    if len(parts) == 1:
-        return parts[0], None
-    if len(parts) == 2:
-        return parts[0], parts[1]
-    raise InvalidInputError(f"method {spec!r}: use NAME or NAME+RERANK_NAME")
+@dataclass(frozen=True)
+class MethodSpec:
+    """One ranking evaluated: candidates by ``method``, optionally re-ranked by ``rerank``, query-expanded, or
+    k-reciprocally re-ranked."""
+
+    method: str
+    rerank: str | None = None
+    expansion: QueryExpansion | None = None
+    reciprocal: ReciprocalRerank | None = None
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The methods whose descriptors this ranking needs."""
+        return (self.method,) if self.rerank is None else (self.method, self.rerank)
+
+    def search_options(self) -> dict[str, Any]:
+        """The keyword options of :meth:`SearchEngine.search` this ranking adds."""
+        return {"expansion": self.expansion, "reciprocal": self.reciprocal}
+
+
+def parse_method(spec: str) -> MethodSpec:
+    """Parse ``NAME[+RERANK][:qeN][:krN]``.
+
+    ``cnn``: cnn's ranking; ``cnn+hog``: cnn's candidates re-ranked by hog; ``cnn:qe3``: cnn with alpha query
+    expansion over each query's top 3 hits (alpha 3); ``cnn:kr20``: k-reciprocal re-ranking with k1 = 20.
+    """
+    ranking, *options = spec.split(":")
+    expansion = reciprocal = None
+    for option in options:
+        match = re.fullmatch(r"(qe|kr)(\d+)", option)
+        if match is None:
+            raise InvalidInputError(
+                f"method {spec!r}: options are :qeN (query expansion over N hits) and :krN (k-reciprocal, k1 = N)"
+            )
+        if match.group(1) == "qe":
+            expansion = QueryExpansion(int(match.group(2)))
+        else:
+            reciprocal = ReciprocalRerank(int(match.group(2)))
+    parts = ranking.split("+")
+    if len(parts) > 2 or not all(parts):
+        raise InvalidInputError(f"method {spec!r}: use NAME or NAME+RERANK_NAME, optionally followed by :qeN / :krN")
+    if reciprocal is not None and len(parts) == 2:
+        raise InvalidInputError(f"method {spec!r}: k-reciprocal re-ranking replaces +RERANK_NAME; use one")
+    return MethodSpec(parts[0], parts[1] if len(parts) == 2 else None, expansion, reciprocal)
 
 
 def _codes(values: Sequence[str], vocabulary: dict[str, int]) -> np.ndarray:
@@ -113,10 +153,12 @@ WORST_QUERIES = 12
 def failure_report(
     rows: np.ndarray, bundle: Bundle, query_meta: dict[str, list[str]], query_ids: Sequence[str], rel_spec: str
 ) -> dict[str, Any]:
-    """Where retrieval fails: P@1 and P@10 per class of the query, and the queries with the lowest P@10.
+    """Where retrieval fails: P@1 and P@10 per class of the query, the confusion of the top-10 hits, and the
+    queries with the lowest P@10.
 
     Returns:
-        ``per_class`` {class: {queries, P@1, P@10}} and ``worst`` [{id, class, P@10, hits: [{id, class}]}].
+        ``per_class`` {class: {queries, P@1, P@10}}, ``confusion`` {query class: {hit class: share of that class's
+        top-10 hits}} (non-zero shares only, rows sum to 1) and ``worst`` [{id, class, P@10, hits: [{id, class}]}].
     """
     fields = rel_spec.split("&")
     classes = ["&".join(vals) for vals in zip(*(query_meta[f] for f in fields))]
@@ -134,11 +176,25 @@ def failure_report(
             "P@1": round(float(relevant[members, 0].mean()), 6),
             "P@10": round(float(p10[members].mean()), 6),
         }
+    names, archive_codes = np.unique(archive_classes.astype(str), return_inverse=True)
+    vocabulary = {c: i for i, c in enumerate(names.tolist())}
+    query_codes = _codes(classes, vocabulary)
+    size = len(vocabulary)
+    hit_codes = archive_codes[np.maximum(rows, 0)]
+    pairs = (query_codes[:, None] * size + hit_codes)[valid & (query_codes >= 0)[:, None]]
+    counts = np.bincount(pairs, minlength=size * size).reshape(size, size)
+    labels = list(vocabulary)
+    confusion = {}
+    for q_code in np.flatnonzero(counts.sum(axis=1)):
+        row = counts[q_code]
+        confusion[labels[q_code]] = {
+            labels[h]: round(float(row[h] / row.sum()), 6) for h in np.argsort(-row, kind="stable") if row[h]
+        }
     worst = []
     for i in np.argsort(p10, kind="stable")[:WORST_QUERIES]:
         hits = [{"id": bundle.ids[r], "class": str(archive_classes[r])} for r in rows[i] if r >= 0]
         worst.append({"id": query_ids[i], "class": classes[i], "P@10": round(float(p10[i]), 6), "hits": hits})
-    return {"per_class": per_class, "worst": worst}
+    return {"per_class": per_class, "confusion": confusion, "worst": worst}
 
 
 def evaluate(
@@ -176,7 +232,7 @@ def evaluate(
         query_meta = {f: [r.metadata.get(f, "") for r in records] for f in fields}
         n_queries = len(records)
         self_rows = None
-        needed = {name for spec in methods for name in parse_method(spec) if name}
+        needed = {name for spec in methods for name in parse_method(spec).names}
         for name in sorted(needed):
             t0 = time.perf_counter()
             query_vectors[name] = engine.describe(name, [r.image for r in records])
@@ -197,10 +253,10 @@ def evaluate(
 
     results = []
     for spec in methods:
-        method, rerank = parse_method(spec)
-        for checked in (method, rerank):
-            if checked is not None:
-                engine.method(checked)
+        parsed = parse_method(spec)
+        method, rerank = parsed.method, parsed.rerank
+        for checked in parsed.names:
+            engine.method(checked)
         rows = np.empty((n_queries, K), dtype=np.int64)
         t0 = time.perf_counter()
         chunks = range(0, n_queries, batch)
@@ -220,6 +276,7 @@ def evaluate(
                 rerank=rerank,
                 rerank_queries=vectors(rerank, start, stop) if rerank else None,
                 k_prep=k_prep,
+                **parsed.search_options(),
             )
             rows[start:stop] = result.rows
         search_s = time.perf_counter() - t0

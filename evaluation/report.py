@@ -18,7 +18,9 @@ DATASETS = (  # result file, relevance field -> the paper's column
     ("mednist.json", {"body_region": "region", "modality": "modality", "label": "both"}),
     ("mednist-fast.json", {"body_region": "region", "modality": "modality", "label": "both"}),
     ("unifesp.json", {"label": "region"}),
+    ("unifesp-qe.json", {"label": "region"}),
 )
+WORST_CLASSES = 5
 
 
 def quality_table(path: Path, paper_column: dict[str, str]) -> str:
@@ -51,6 +53,30 @@ def quality_table(path: Path, paper_column: dict[str, str]) -> str:
         + f"); re-ranking k_prep = {cfg['k_prep']}. Command: `{cfg.get('command', '')}`."
     )
     return "\n".join(lines) + "\n" + build_table(cfg)
+
+
+def worst_classes_table(path: Path, relevance: str, count: int = WORST_CLASSES) -> str:
+    """Per method, the ``count`` classes with the lowest P@10 and the class their top-10 hits most often wrongly are."""
+    doc = json.loads(path.read_text())
+    lines = [
+        f"Worst classes ({relevance}; share = fraction of the class's top-10 hits):",
+        "",
+        "| method | class | queries | P@1 | P@10 | most confused with (share) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in doc["results"]:
+        if r["relevance"] != relevance or "per_class" not in r:
+            continue
+        ranked = sorted(r["per_class"].items(), key=lambda item: (item[1]["P@10"], item[0]))[:count]
+        for cls, figures in ranked:
+            others = {c: v for c, v in r.get("confusion", {}).get(cls, {}).items() if c != cls}
+            confused = max(others.items(), key=lambda item: item[1], default=None)
+            shown = f"{confused[0]} ({confused[1]:.2f})" if confused else ""
+            lines.append(
+                f"| {r['method']} | {cls} | {figures['queries']} | {figures['P@1']:.3f} | {figures['P@10']:.3f} "
+                f"| {shown} |"
+            )
+    return "\n".join(lines) + "\n" if len(lines) > 4 else ""
 
 
 def build_table(cfg: dict) -> str:
@@ -129,6 +155,7 @@ def main(argv: list[str] | None = None) -> None:
         if path.exists():
             print(f"## {name.removesuffix('.json')}\n")
             print(quality_table(path, columns))
+            print(worst_classes_table(path, list(columns)[-1]))
     for name, rels in CV_DATASETS:
         path = results / name
         if path.exists():

@@ -113,7 +113,7 @@ def evaluate_site_shift(
         column = np.asarray(bundle.metadata[exclude_same])
         excluded = [np.union1d(np.flatnonzero(column == column[r]) if column[r] else [], [r]) for r in rows]
     query_meta = {f: [col[r] for r in rows] for f, col in bundle.metadata.items()}
-    needed = sorted({name for spec in methods for name in parse_method(spec) if name})
+    needed = sorted({name for spec in methods for name in parse_method(spec).names})
     t0 = time.perf_counter()
     vectors = {
         kind: {name: engine.describe(name, imgs) for name in needed}
@@ -122,7 +122,8 @@ def evaluate_site_shift(
     describe_s = time.perf_counter() - t0
     results = []
     for spec in methods:
-        method, rerank = parse_method(spec)
+        parsed = parse_method(spec)
+        method, rerank = parsed.method, parsed.rerank
         entry: dict[str, Any] = {"method": spec}
         ranked = {}
         for kind in ("unshifted", "shifted"):
@@ -134,6 +135,7 @@ def evaluate_site_shift(
                 rerank=rerank,
                 rerank_queries=vectors[kind][rerank] if rerank else None,
                 k_prep=k_prep,
+                **parsed.search_options(),
             )
             ranked[kind] = result.rows
         for rel_spec in relevance:

@@ -14,6 +14,8 @@ from cbmir.v1 import retrieval_pb2 as pb
 
 from .config import DEFAULT_K, ServerConfig
 from .fusion import FUSIONS
+from .query_expansion import DEFAULT_EXPANSION_ALPHA, QueryExpansion
+from .reciprocal_rerank import ReciprocalRerank
 from .result_shaping import Shaping
 from .search_engine import SearchEngine
 
@@ -38,6 +40,8 @@ class QueryPlan:
     predicted_class: str = ""
     shaping: Shaping = Shaping()
     study_images: list[np.ndarray] | None = None
+    expansion: QueryExpansion | None = None
+    reciprocal: ReciprocalRerank | None = None
     fusion: str = "min"
 
 
@@ -113,6 +117,15 @@ def plan_query(engine: SearchEngine, request: pb.SearchRequest, config: ServerCo
     kind = request.WhichOneof("query")
     filter_key = tuple(sorted((f, tuple(sorted(set(v)))) for f, v in filters.items()))
     plan = QueryPlan(kind or "", method, k, rerank, k_prep, allowed, filter_key, np.zeros(0, np.int64))
+    if request.expand:
+        alpha = request.expand_alpha if request.HasField("expand_alpha") else DEFAULT_EXPANSION_ALPHA
+        plan.expansion = QueryExpansion(request.expand, alpha)
+    elif request.HasField("expand_alpha"):
+        raise InvalidInputError("expand_alpha needs expand (the number of hits the query is averaged with)")
+    if request.reciprocal_k1:
+        if rerank is not None:
+            raise InvalidInputError("reciprocal_k1 (k-reciprocal re-ranking) replaces rerank: ask for one of them")
+        plan.reciprocal = ReciprocalRerank(request.reciprocal_k1)
     if kind is None and request.study_images:
         return _study_plan(engine, request, config, plan)
     if request.study_images:
@@ -169,7 +182,15 @@ def _study_plan(engine: SearchEngine, request: pb.SearchRequest, config: ServerC
     fusion = request.fusion or "min"
     if fusion not in FUSIONS:
         raise InvalidInputError(f"fusion must be one of {', '.join(FUSIONS)}, got {shown(fusion)}")
-    if plan.rerank or request.predict_class or request.group_by or request.offset or request.HasField("max_distance"):
+    if (
+        plan.rerank
+        or plan.expansion
+        or plan.reciprocal
+        or request.predict_class
+        or request.group_by
+        or request.offset
+        or request.HasField("max_distance")
+    ):
         raise InvalidInputError("study queries take k, method, filters and exclude_ids only")
     with stage("decode"):
         plan.study_images = [

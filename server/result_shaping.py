@@ -129,7 +129,7 @@ def shaped_search(
         group_sizes = dict(zip(values.tolist(), counts.tolist()))
     need = (shaping.offset + k) * (shaping.group_size if column is not None else 1)
     fetch = min(n, max(2 * need, 16))
-    reranked = search.get("rerank") is not None
+    reranked = search.get("rerank") is not None or search.get("reciprocal") is not None
     if reranked:  # the ranking is the k_prep candidates re-sorted: shape exactly those
         fetch = min(n, max(search.get("k_prep") or 0, shaping.offset + k))
     answers: list[ShapedHits | None] = [None] * len(queries)

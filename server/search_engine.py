@@ -22,6 +22,8 @@ from cbmir.search_backends import Allowed, FaissBackend, RowSelection, SearchBac
 from cbmir.search_backends.base import pad
 from cbmir.timing import stage
 
+from .query_expansion import QueryExpansion, expand_queries
+from .reciprocal_rerank import ReciprocalRerank, reciprocal_distances
 from .rerank import candidate_distances
 
 
@@ -167,6 +169,8 @@ class SearchEngine:
         rerank: str | None = None,
         rerank_queries: np.ndarray | None = None,
         k_prep: int | None = None,
+        expansion: QueryExpansion | None = None,
+        reciprocal: ReciprocalRerank | None = None,
     ) -> SearchResult:
         """Exact top-k for each query row.
 
@@ -180,6 +184,10 @@ class SearchEngine:
             rerank: method whose distance re-sorts the top ``k_prep`` candidates.
             rerank_queries: (Q, dim_rerank) descriptors for ``rerank``.
             k_prep: candidates taken from ``method`` before re-ranking (at least k).
+            expansion: alpha query expansion: each query is first moved towards its own top hits (same filters and
+                exclusions), then searched again; the distances returned are the expanded query's.
+            reciprocal: k-reciprocal re-ranking of the top max(k, k_prep, k1) candidates (instead of ``rerank``);
+                the distances returned are the blended re-ranking distances.
 
         Returns:
             :class:`SearchResult` with (Q, k) rows and distances.
@@ -190,6 +198,13 @@ class SearchEngine:
         q = self.check_queries(method, queries)
         if exclude is not None and len(exclude) != len(q):
             raise ValueError("exclude needs one entry per query")
+        if expansion is not None:
+            with stage("expand"):
+                q = self._expand(info, q, expansion, allowed, exclude)
+        if reciprocal is not None:
+            if rerank is not None:
+                raise InvalidInputError("k-reciprocal re-ranking replaces rerank: ask for one of them")
+            return self._reciprocal_search(info, q, k, max(k, k_prep or k, reciprocal.k1), reciprocal, allowed, exclude)
         if rerank is None:
             with stage("search"):
                 return self._knn(info, q, k, allowed, exclude)
@@ -208,6 +223,51 @@ class SearchEngine:
             rows = np.take_along_axis(candidates, order, axis=1)
             dist = np.take_along_axis(dist, order, axis=1)
         return SearchResult(pad(rows, k, -1), pad(dist, k, np.inf))
+
+    def _reciprocal_search(
+        self,
+        info: MethodIndex,
+        q: np.ndarray,
+        k: int,
+        pool: int,
+        reciprocal: ReciprocalRerank,
+        allowed: Allowed,
+        exclude: Sequence[np.ndarray] | None,
+    ) -> SearchResult:
+        with stage("search"):
+            found = self._knn(info, q, pool, allowed, exclude)
+        with stage("rerank"):
+            valid = found.rows >= 0
+            shape = (*found.rows.shape, reciprocal.k1)
+            neighbours = np.full(shape, -1, np.int64)
+            neighbour_distances = np.full(shape, np.inf, np.float32)
+            if valid.any():
+                unique, local = np.unique(found.rows[valid], return_inverse=True)
+                around = self._knn(info, self.backend.vectors(info, unique), reciprocal.k1, allowed, None)
+                neighbours[valid], neighbour_distances[valid] = around.rows[local], around.distances[local]
+            dist = reciprocal_distances(
+                found.rows, found.distances, neighbours, neighbour_distances, reciprocal.k1, reciprocal.blend
+            )
+            order = np.argsort(dist, axis=1, kind="stable")[:, :k]
+            rows = np.take_along_axis(found.rows, order, axis=1)
+            dist = np.take_along_axis(dist, order, axis=1)
+        return SearchResult(pad(rows, k, -1), pad(dist, k, np.inf))
+
+    def _expand(
+        self,
+        info: MethodIndex,
+        q: np.ndarray,
+        expansion: QueryExpansion,
+        allowed: Allowed,
+        exclude: Sequence[np.ndarray] | None,
+    ) -> np.ndarray:
+        top = self._knn(info, q, expansion.neighbours, allowed, exclude)
+        valid = top.rows >= 0
+        neighbours = np.zeros((*top.rows.shape, q.shape[1]), np.float32)
+        if valid.any():
+            unique, local = np.unique(top.rows[valid], return_inverse=True)
+            neighbours[valid] = self.backend.vectors(info, unique)[local]
+        return expand_queries(q, neighbours, top.distances, valid, info.metric, expansion.alpha)
 
     def _candidate_distances(self, info: MethodIndex, queries: np.ndarray, candidates: np.ndarray) -> np.ndarray:
         """Exact distances (Q, K) of each query to its candidate rows, over the backend's stored vectors."""
@@ -247,6 +307,8 @@ class SearchEngine:
         rerank: str | None = None,
         rerank_queries: np.ndarray | None = None,
         k_prep: int | None = None,
+        expansion: QueryExpansion | None = None,
+        reciprocal: ReciprocalRerank | None = None,
     ) -> tuple[SearchResult, np.ndarray]:
         """Search only the predicted class when the head is confident; the full archive otherwise.
 
@@ -280,6 +342,8 @@ class SearchEngine:
                 rerank=rerank,
                 rerank_queries=None if rerank_queries is None else rerank_queries[sel],
                 k_prep=k_prep,
+                expansion=expansion,
+                reciprocal=reciprocal,
             )
 
         rows = np.full((len(queries), k), -1, np.int64)

@@ -341,7 +341,17 @@ class RetrievalService(pb_grpc.RetrievalServicer):
                 answers[i] = ShapedHits(rows.tolist(), dists.tolist(), list(range(1, len(rows) + 1)), [""] * len(rows))
                 self.stats.add("searches")
                 continue
-            key = (p.method, p.rerank, p.k, p.k_prep, p.filter_key, p.min_class_confidence, p.shaping)
+            key = (
+                p.method,
+                p.rerank,
+                p.k,
+                p.k_prep,
+                p.filter_key,
+                p.min_class_confidence,
+                p.shaping,
+                p.expansion,
+                p.reciprocal,
+            )
             groups.setdefault(key, []).append(i)
         for members in groups.values():
             first = plans[members[0]]
@@ -353,6 +363,8 @@ class RetrievalService(pb_grpc.RetrievalServicer):
                 if first.rerank is None
                 else np.concatenate([plans[i].rerank_vector for i in members]),
                 "k_prep": first.k_prep,
+                "expansion": first.expansion,
+                "reciprocal": first.reciprocal,
             }
             queries = np.concatenate([plans[i].vector for i in members])
             if first.min_class_confidence is not None:

@@ -6,6 +6,7 @@ import pytest
 from cbmir.cli import main
 from cbmir.evaluation.metrics import precision_at_k
 from cbmir.evaluation.protocols import evaluate
+from cbmir.evaluation.report import worst_classes_table
 from cbmir.index_build import load_bundle
 from cbmir.server.search_engine import SearchEngine
 
@@ -127,3 +128,26 @@ def test_eval_reports_per_class_precision_and_the_worst_queries(small_bundle):
     for w in worst:
         assert w["class"] == labels[w["id"]] and len(w["hits"]) == 10 and w["id"] not in {h["id"] for h in w["hits"]}
         assert w["P@10"] == sum(h["class"] == w["class"] for h in w["hits"]) / 10
+    confusion = result["confusion"]
+    assert set(confusion) == set(per_class)
+    for cls, shares in confusion.items():
+        assert sum(shares.values()) == pytest.approx(1.0, abs=1e-5)
+        assert shares.get(cls, 0.0) == pytest.approx(per_class[cls]["P@10"], abs=1e-5)
+        assert list(shares.values()) == sorted(shares.values(), reverse=True)
+
+
+def test_report_lists_each_methods_worst_classes_with_their_main_confusion(small_bundle, tmp_path):
+    doc = evaluate(load_bundle(small_bundle), ["hog", "cnn"], ["label"], device="cpu", progress=False)
+    path = tmp_path / "unifesp.json"
+    path.write_text(json.dumps(doc))
+    table = worst_classes_table(path, "label", count=2)
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| hog") or line.startswith("| cnn")]
+    assert [r[0] for r in rows] == ["| hog", "| hog", "| cnn", "| cnn"]
+    for result in doc["results"]:
+        lowest = sorted(result["per_class"].items(), key=lambda item: (item[1]["P@10"], item[0]))[:2]
+        shown = [r for r in rows if r[0] == f"| {result['method']}"]
+        assert [r[1] for r in shown] == [cls for cls, _ in lowest]
+        for r, (cls, _) in zip(shown, lowest):
+            others = {c: v for c, v in result["confusion"][cls].items() if c != cls}
+            if others:
+                assert r[5].startswith(max(others, key=others.get))

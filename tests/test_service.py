@@ -20,6 +20,8 @@ from cbmir.extractors.imaging import decode_image
 from cbmir.extractors.registry import register_extractor
 from cbmir.index_build import build_bundle, load_bundle, open_archive
 from cbmir.server.config import ServerConfig
+from cbmir.server.query_expansion import QueryExpansion
+from cbmir.server.reciprocal_rerank import ReciprocalRerank
 from cbmir.server.search_engine import SearchEngine
 from cbmir.server.startup import start_server
 from tests.helpers import REPO, UNIFESP
@@ -105,6 +107,35 @@ def test_archive_id_query_excludes_itself_unless_asked(client, offline, archive)
     assert_same(hits, offline, res.rows[0], res.distances[0])
     with_self = client.search_id(ident, k=3, method="cnn", include_self=True)
     assert with_self[0].id == ident and with_self[0].distance == pytest.approx(0.0, abs=2e-3)
+
+
+def test_query_expansion_over_grpc_equals_offline_and_checks_its_fields(client, offline, archive):
+    ident = archive.entries[12].id
+    row = offline.bundle.row_of[ident]
+    query = offline.method("cnn").descriptors[row : row + 1]
+    for alpha in (None, 0.0):
+        hits = client.search_id(ident, k=6, method="cnn", expand=4, expand_alpha=alpha)
+        expansion = QueryExpansion(4) if alpha is None else QueryExpansion(4, alpha)
+        res = offline.search("cnn", query, 6, exclude=[np.array([row])], expansion=expansion)
+        assert_same(hits, offline, res.rows[0], res.distances[0])
+    plain = offline.search("cnn", query, 6, exclude=[np.array([row])])
+    assert not np.allclose(res.distances, plain.distances), "expansion left the query where it was"
+    for options, field in (({"expand": 51}, "50"), ({"expand_alpha": 2.0}, "expand_alpha needs expand")):
+        with pytest.raises(grpc.RpcError) as err:
+            client.search_id(ident, k=3, method="cnn", **options)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in err.value.details()
+
+
+def test_reciprocal_rerank_over_grpc_equals_offline_and_refuses_rerank_with_it(client, offline, archive):
+    ident = archive.entries[30].id
+    row = offline.bundle.row_of[ident]
+    hits = client.search_id(ident, k=5, method="hog", reciprocal_k1=12)
+    query = offline.method("hog").descriptors[row : row + 1]
+    res = offline.search("hog", query, 5, exclude=[np.array([row])], reciprocal=ReciprocalRerank(12))
+    assert_same(hits, offline, res.rows[0], res.distances[0])
+    with pytest.raises(grpc.RpcError) as err:
+        client.search_id(ident, k=5, method="hog", rerank="cnn", reciprocal_k1=12)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "replaces rerank" in err.value.details()
 
 
 def test_vector_query_and_rerank_equal_offline(client, offline):

@@ -120,6 +120,9 @@ class SearchRequest(_message.Message):
     OFFSET_FIELD_NUMBER: _builtins.int
     STUDY_IMAGES_FIELD_NUMBER: _builtins.int
     FUSION_FIELD_NUMBER: _builtins.int
+    EXPAND_FIELD_NUMBER: _builtins.int
+    EXPAND_ALPHA_FIELD_NUMBER: _builtins.int
+    RECIPROCAL_K1_FIELD_NUMBER: _builtins.int
     image: _builtins.bytes
     """PNG, JPEG or DICOM file bytes, detected from content"""
     archive_id: _builtins.str
@@ -155,6 +158,16 @@ class SearchRequest(_message.Message):
     """JPEG or DICOM; their rankings are fused
     study queries: "min" (default; smallest distance to any image) or "rrf"
     """
+    expand: _builtins.int
+    """(reciprocal-rank fusion)
+    alpha query expansion: the query is first averaged with its top `expand`
+    """
+    expand_alpha: _builtins.float
+    """hits (same filters and exclusions), then searched again; 0: off, max 50
+    similarity exponent of the expansion weights (default 3; 0: plain mean)
+    """
+    reciprocal_k1: _builtins.int
+    """k-reciprocal re-ranking of the top max(k, k_prep, k1) candidates with"""
     @_builtins.property
     def pixels(self) -> Global___PixelArray:
         """a decoded grayscale image"""
@@ -202,15 +215,22 @@ class SearchRequest(_message.Message):
         offset: _builtins.int = ...,
         study_images: _abc.Iterable[_builtins.bytes] | None = ...,
         fusion: _builtins.str = ...,
+        expand: _builtins.int = ...,
+        expand_alpha: _builtins.float | None = ...,
+        reciprocal_k1: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_distance", b"_max_distance", "archive_id", b"archive_id", "image", b"image", "max_distance", b"max_distance", "pixels", b"pixels", "query", b"query", "rerank_vector", b"rerank_vector", "vector", b"vector"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_expand_alpha", b"_expand_alpha", "_max_distance", b"_max_distance", "archive_id", b"archive_id", "expand_alpha", b"expand_alpha", "image", b"image", "max_distance", b"max_distance", "pixels", b"pixels", "query", b"query", "rerank_vector", b"rerank_vector", "vector", b"vector"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_distance", b"_max_distance", "archive_id", b"archive_id", "exclude_ids", b"exclude_ids", "filters", b"filters", "fusion", b"fusion", "group_by", b"group_by", "group_size", b"group_size", "image", b"image", "include_self", b"include_self", "k", b"k", "k_prep", b"k_prep", "max_distance", b"max_distance", "method", b"method", "min_class_confidence", b"min_class_confidence", "offset", b"offset", "pixels", b"pixels", "predict_class", b"predict_class", "query", b"query", "rerank", b"rerank", "rerank_vector", b"rerank_vector", "study_images", b"study_images", "vector", b"vector"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expand_alpha", b"_expand_alpha", "_max_distance", b"_max_distance", "archive_id", b"archive_id", "exclude_ids", b"exclude_ids", "expand", b"expand", "expand_alpha", b"expand_alpha", "filters", b"filters", "fusion", b"fusion", "group_by", b"group_by", "group_size", b"group_size", "image", b"image", "include_self", b"include_self", "k", b"k", "k_prep", b"k_prep", "max_distance", b"max_distance", "method", b"method", "min_class_confidence", b"min_class_confidence", "offset", b"offset", "pixels", b"pixels", "predict_class", b"predict_class", "query", b"query", "reciprocal_k1", b"reciprocal_k1", "rerank", b"rerank", "rerank_vector", b"rerank_vector", "study_images", b"study_images", "vector", b"vector"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__expand_alpha: _TypeAlias = _typing.Literal["expand_alpha"]  # noqa: Y015
+    _WhichOneofArgType__expand_alpha: _TypeAlias = _typing.Literal["_expand_alpha", b"_expand_alpha"]  # noqa: Y015
     _WhichOneofReturnType__max_distance: _TypeAlias = _typing.Literal["max_distance"]  # noqa: Y015
     _WhichOneofArgType__max_distance: _TypeAlias = _typing.Literal["_max_distance", b"_max_distance"]  # noqa: Y015
     _WhichOneofReturnType_query: _TypeAlias = _typing.Literal["image", "pixels", "archive_id", "vector"]  # noqa: Y015
     _WhichOneofArgType_query: _TypeAlias = _typing.Literal["query", b"query"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__expand_alpha) -> _WhichOneofReturnType__expand_alpha | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_distance) -> _WhichOneofReturnType__max_distance | None: ...
     @_typing.overload
