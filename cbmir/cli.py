@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cbmir.defaults import INTENSITY_EXTRACTORS, INTENSITY_MODES, SMOOTH_EXTRACTORS
 from cbmir.errors import CbmirError, InvalidInputError
 from cbmir.options import DEVICE_CHOICES, HelpFormatter, add_options, from_options
 
@@ -63,6 +64,14 @@ def extractor_configs(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
             configs[name] = {"words": args.bovw_words}
         else:
             configs[name] = {}
+        if args.intensity != "none":
+            if name not in INTENSITY_EXTRACTORS:
+                raise InvalidInputError(
+                    f"--intensity applies to {', '.join(INTENSITY_EXTRACTORS)}; extractor {name!r} does not take it"
+                )
+            configs[name]["intensity"] = args.intensity
+        if args.smooth and name in SMOOTH_EXTRACTORS:
+            configs[name]["smooth"] = args.smooth
     return configs
 
 
@@ -659,6 +668,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--weights", help="imagenet (offline package), timm (hub download), random, or a file")
     b.add_argument("--image-size", type=int, default=0, help="cnn input side (default 224)")
     b.add_argument("--pca-dim", type=int, default=0, help="reduce cnn descriptors with PCA")
+    b.add_argument(
+        "--intensity",
+        choices=INTENSITY_MODES,
+        default="none",
+        help="normalise each image's intensities before description (site robustness; see the README)",
+    )
+    b.add_argument(
+        "--smooth",
+        type=float,
+        default=0.0,
+        metavar="SIGMA",
+        help="Gaussian smoothing of cnn and hog inputs before description: sigma in pixels of a 224-pixel image, "
+        "scaled with the input size (0: off; bovw's SIFT smooths on its own)",
+    )
     b.add_argument("--whiten", action="store_true", help="whiten the PCA components")
     b.add_argument(
         "--bovw-words",

@@ -15,3 +15,12 @@ installed) and torch on CUDA."""
 
 PRECISIONS = ("fp32", "bf16", "int8")
 """``--precision`` values. bf16 needs torch or OpenVINO; int8 needs OpenVINO or ONNX Runtime and calibration images."""
+
+INTENSITY_MODES = ("none", "stretch", "equalize", "clahe")
+"""``--intensity`` values: normalisation of each image before description (:mod:`cbmir.extractors.intensity`)."""
+
+INTENSITY_EXTRACTORS = ("cnn", "hog", "bovw")
+"""Built-in extractors that take the ``intensity`` option."""
+
+SMOOTH_EXTRACTORS = ("cnn", "hog")
+"""Built-in extractors that take the ``smooth`` option (Gaussian sigma before description)."""

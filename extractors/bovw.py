@@ -23,6 +23,7 @@ from cbmir.timing import stage
 
 from .base import Extractor
 from .imaging import resize_batch
+from .intensity import check_intensity, normalise_intensity
 from .registry import register_extractor
 
 log = logging.getLogger("cbmir.extractors.bovw")
@@ -54,6 +55,7 @@ class BoVWExtractor(Extractor):
         seed: k-means seed.
         threads: parallel SIFT workers (default: CPU count).
         device: accepted for interface symmetry; SIFT runs on the CPU.
+        intensity: normalisation after resizing (:mod:`cbmir.extractors.intensity`).
     """
 
     metric = "cosine"
@@ -70,6 +72,7 @@ class BoVWExtractor(Extractor):
         seed: int = 1234,
         threads: int | None = None,
         device: str = "cpu",
+        intensity: str = "none",
     ) -> None:
         if words != 0 and words < 2:
             raise InvalidInputError(f"words must be at least 2 (or 0 to choose from the archive), got {words}")
@@ -78,6 +81,7 @@ class BoVWExtractor(Extractor):
         self.kmeans_iters, self.kmeans_restarts = int(kmeans_iters), int(kmeans_restarts)
         self.max_points_per_centroid, self.seed = int(max_points_per_centroid), int(seed)
         self.threads = threads or os.cpu_count() or 1
+        self.intensity = check_intensity(intensity)
         self._local = threading.local()
         self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
         self._vocabulary: np.ndarray | None = None
@@ -97,6 +101,7 @@ class BoVWExtractor(Extractor):
             "kmeans_restarts": self.kmeans_restarts,
             "max_points_per_centroid": self.max_points_per_centroid,
             "seed": self.seed,
+            "intensity": self.intensity,
         }
 
     def _sift(self, image: np.ndarray) -> np.ndarray:
@@ -111,7 +116,7 @@ class BoVWExtractor(Extractor):
     def local_descriptors(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """RootSIFT descriptors, one (K_i, 128) array per image."""
         with stage("preprocess"):
-            resized = resize_batch(images, self.image_size)
+            resized = normalise_intensity(resize_batch(images, self.image_size), self.intensity)
             as_uint8 = [np.ascontiguousarray((img * 255.0 + 0.5).astype(np.uint8)) for img in resized]
         with stage("extract"):
             if self._pool is None or len(as_uint8) == 1:

@@ -24,6 +24,7 @@ from cbmir.timing import stage
 
 from .base import Extractor
 from .imaging import resize_batch
+from .intensity import check_intensity, check_smooth, normalise_intensity, smooth_batch
 from .registry import register_extractor
 from .runtimes import (
     DescribingNetwork,
@@ -144,6 +145,9 @@ class CNNExtractor(Extractor):
         precision: ``fp32``, ``bf16`` or ``int8`` (int8 is calibrated on the archive sample by :meth:`fit`).
         classes: class names of a fine-tuned classification head (set from the checkpoint; kept for restore).
         training: how a fine-tuned checkpoint was trained (set from the checkpoint; recorded in the manifest).
+        intensity: normalisation after resizing (:mod:`cbmir.extractors.intensity`).
+        smooth: Gaussian sigma after normalisation, in pixels of a 224-pixel image (scaled to ``image_size``);
+            0: off.
     """
 
     metric = "l2"
@@ -165,6 +169,8 @@ class CNNExtractor(Extractor):
         precision: str = "fp32",
         classes: Sequence[str] | None = None,
         training: dict[str, Any] | None = None,
+        intensity: str = "none",
+        smooth: float = 0.0,
     ) -> None:
         if image_size < 16:
             raise InvalidInputError(f"image_size must be at least 16, got {image_size}")
@@ -179,6 +185,8 @@ class CNNExtractor(Extractor):
         self.model_name = model
         self.weights = weights
         self.image_size = int(image_size)
+        self.intensity = check_intensity(intensity)
+        self.smooth = check_smooth(smooth)
         self.stages = [int(i) for i in stages]
         self.pca_dim = int(pca_dim)
         self.whiten = bool(whiten)
@@ -245,6 +253,8 @@ class CNNExtractor(Extractor):
             "weights": self.weights,
             "weights_sha256": self.weights_sha256,
             "image_size": self.image_size,
+            "intensity": self.intensity,
+            "smooth": self.smooth,
             "stages": self.stages,
             "pca_dim": self.pca_dim,
             "whiten": self.whiten,
@@ -278,6 +288,11 @@ class CNNExtractor(Extractor):
                     )
         return self._compiled
 
+    def preprocess(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """N grey images in [0, 1] -> (N, S, S) float32 resized, intensity-normalised and smoothed."""
+        resized = resize_batch(images, self.image_size)
+        return smooth_batch(normalise_intensity(resized, self.intensity), self.smooth)
+
     def reset_runtime(self) -> None:
         """Forget the compiled network; call after changing the weights in place (training does)."""
         self._compiled = None
@@ -287,7 +302,7 @@ class CNNExtractor(Extractor):
         run = self.compiled()
         for start in range(0, len(images), self.forward_batch):
             with stage("preprocess"):
-                chunk = resize_batch(images[start : start + self.forward_batch], self.image_size)
+                chunk = self.preprocess(images[start : start + self.forward_batch])
             with stage("extract"):
                 out[start : start + len(chunk)] = run(chunk)
         return out
@@ -297,7 +312,7 @@ class CNNExtractor(Extractor):
         if self.precision != "int8":
             return
         step = max(1, len(images) // 256)
-        calibration = resize_batch(list(images[::step][:256]), self.image_size)
+        calibration = self.preprocess(list(images[::step][:256]))
         self._int8_model = quantize_int8(self.network, self.image_size, calibration)
         self.needs_fit = False
         self.reset_runtime()

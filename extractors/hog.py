@@ -19,6 +19,7 @@ from cbmir.timing import stage
 
 from .base import Extractor
 from .imaging import resize_batch
+from .intensity import check_intensity, check_smooth, normalise_intensity, smooth_batch
 from .registry import register_extractor
 
 
@@ -79,6 +80,9 @@ class HOGExtractor(Extractor):
         bins: orientation bins.
         device: ``auto``, ``cpu`` or ``cuda``.
         batch: images per vectorised pass.
+        intensity: normalisation after resizing (:mod:`cbmir.extractors.intensity`).
+        smooth: Gaussian sigma after normalisation, in pixels of a 224-pixel image (scaled to ``image_size``);
+            0: off.
     """
 
     metric = "l1"
@@ -91,6 +95,8 @@ class HOGExtractor(Extractor):
         bins: int = 15,
         device: str = "auto",
         batch: int = 64,
+        intensity: str = "none",
+        smooth: float = 0.0,
     ) -> None:
         for name, value, low in (
             ("image_size", image_size, 8),
@@ -106,6 +112,8 @@ class HOGExtractor(Extractor):
         self.image_size, self.cell, self.block, self.bins = int(image_size), int(cell), int(block), int(bins)
         super().__init__(device)
         self.batch = batch
+        self.intensity = check_intensity(intensity)
+        self.smooth = check_smooth(smooth)
         blocks = image_size // cell - block + 1
         self._dim = blocks * blocks * block * block * bins
 
@@ -114,14 +122,22 @@ class HOGExtractor(Extractor):
         return self._dim
 
     def config(self) -> dict[str, Any]:
-        return {"image_size": self.image_size, "cell": self.cell, "block": self.block, "bins": self.bins}
+        return {
+            "image_size": self.image_size,
+            "cell": self.cell,
+            "block": self.block,
+            "bins": self.bins,
+            "intensity": self.intensity,
+            "smooth": self.smooth,
+        }
 
     @torch.inference_mode()
     def extract(self, images: Sequence[np.ndarray]) -> np.ndarray:
         out = np.empty((len(images), self._dim), dtype=np.float32)
         for start in range(0, len(images), self.batch):
             with stage("preprocess"):
-                chunk = torch.from_numpy(resize_batch(images[start : start + self.batch], self.image_size))
+                resized = resize_batch(images[start : start + self.batch], self.image_size)
+                chunk = torch.from_numpy(smooth_batch(normalise_intensity(resized, self.intensity), self.smooth))
             with stage("extract"):
                 desc = hog_descriptors(chunk.to(self.device), self.cell, self.block, self.bins)
                 out[start : start + len(chunk)] = desc.cpu().numpy()

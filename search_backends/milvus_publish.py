@@ -107,13 +107,14 @@ def publish_bundle(
         client.create_index(name, params)
         client.load_collection(name)
         say(f"{name}: {len(bundle)} rows, {kind} {METRICS[info.metric]}")
+    existing = set(client.list_aliases().get("aliases", []))
     for method, name in report.collections.items():
         alias = alias_name(prefix, method)
         if alias in client.list_aliases(name).get("aliases", []):
             continue
-        try:
+        if alias in existing:
             client.alter_alias(name, alias)
-        except Exception:  # the alias does not exist yet
+        else:
             client.create_alias(name, alias)
         say(f"alias {alias} -> {name}")
     report.dropped = _drop_old(client, prefix, bundle, keep)
