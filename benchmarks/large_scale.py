@@ -1,6 +1,7 @@
-"""10^7 vectors on one machine, in-process: IVF-Flat build time, bytes per vector, p50/p99, recall@10 and RSS.
+"""10^7 vectors on one machine, in-process: build time, bytes per vector, p50/p99, recall@10 and RSS per index type.
 
-    python -m cbmir.benchmarks.large_scale --index bundles/mednist-fast [--n 10000000] [--nprobe 8,16,32,64]
+    python -m cbmir.benchmarks.large_scale --index bundles/mednist-fast [--n 10000000] [--index-type ivf|ivfpq]
+        [--nprobe 8,16,32,64]
 
 Vectors are the fast bundle's real 128-d cnn descriptors grown by jittered copies, as in ``scaling.py``; queries
 are jittered held-out vectors; the truth is exact search over the same vectors (``faiss.knn``, no copy). The
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--nprobe", default="8,16,32,64")
     parser.add_argument("--jitter", type=float, default=0.5)
+    parser.add_argument("--index-type", choices=("ivf", "ivfpq"), default="ivf", help="IVF-Flat or IVF-PQ (32 bytes)")
     add_io_args(parser, "large_scale.json")
     args = parser.parse_args(argv)
 
@@ -57,12 +59,15 @@ def main(argv: list[str] | None = None) -> dict:
     _, truth = faiss.knn(queries, data, 10)
     print(f"exact truth in {time.perf_counter() - t0:.0f} s", flush=True)
     t0 = time.perf_counter()
-    index, params = build_index(data, "l2", "ivf")
+    index, params = build_index(data, "l2", args.index_type)
     build_s = time.perf_counter() - t0
     del data
     nlist = int(faiss.extract_index_ivf(index).nlist)
-    bytes_per_vector = (index.ntotal * (info.dim * 4 + 8) + nlist * info.dim * 4) / args.n  # codes + ids + centroids
-    print(f"IVF-Flat {params} built in {build_s:.0f} s, {bytes_per_vector:.0f} B/vector, RSS {rss_gib():.1f} GiB")
+    code_bytes = info.dim * 4 if args.index_type == "ivf" else int(params["pq_m"])
+    bytes_per_vector = (index.ntotal * (code_bytes + 8) + nlist * info.dim * 4) / args.n  # codes + ids + centroids
+    print(
+        f"{args.index_type} {params} built in {build_s:.0f} s, {bytes_per_vector:.0f} B/vector, RSS {rss_gib():.1f} GiB"
+    )
     faiss.omp_set_num_threads(1)
     runs: list[dict[str, Any]] = []
     for nprobe in (int(v) for v in args.nprobe.split(",")):
@@ -83,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
     doc = {
         "n": args.n,
         "dim": info.dim,
-        "index": "ivf",
+        "index": args.index_type,
         "params": params,
         "build_s": round(build_s, 1),
         "bytes_per_vector": round(bytes_per_vector, 1),

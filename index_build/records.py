@@ -97,10 +97,11 @@ class StringColumn(Sequence[str]):
 
 
 class RowOfId(Mapping[str, int]):
-    """Row of each id: a sorted permutation of the ids (8 bytes per record), searched by bisection.
+    """Row of each id: the ids sorted once (a permutation and a sorted copy, about 8 bytes plus the id per record),
+    searched by bisection; a fraction of a Python dict's memory at 10^6 records."""
 
-    Uses a fraction of a Python dict's memory at 10^6 records; one look-up costs about 20 string comparisons.
-    """
+    _BATCH_MIN = 32
+    """From this many ids on, :meth:`rows` bisects all of them at once in Arrow instead of one by one."""
 
     def __init__(self, ids: StringColumn) -> None:
         self._ids = ids
@@ -109,8 +110,12 @@ class RowOfId(Mapping[str, int]):
     def _order(self) -> np.ndarray:
         return np.asarray(pc.sort_indices(self._ids.values), dtype=np.int64)
 
+    @cached_property
+    def _sorted(self) -> pa.Array:
+        return _plain(self._ids.values).take(pa.array(self._order))
+
     def _sorted_id(self, position: int) -> str:
-        return self._ids[int(self._order[position])]
+        return str(self._sorted[position].as_py())
 
     def __getitem__(self, id_: str) -> int:
         if not isinstance(id_, str):
@@ -128,11 +133,26 @@ class RowOfId(Mapping[str, int]):
         return len(self._ids)
 
     def rows(self, ids: Sequence[str]) -> np.ndarray:
-        """Row of each of ``ids`` (shape (M,)), -1 where an id is not in the bundle; one hash join for all."""
-        if not ids:
-            return np.zeros(0, np.int64)
-        found = pc.index_in(pa.array(list(ids), pa.string()), value_set=self._ids.values)
-        return np.asarray(found.fill_null(-1).to_numpy(zero_copy_only=False), dtype=np.int64)
+        """Row of each of ``ids`` (shape (M,)), -1 where an id is not in the bundle.
+
+        Many ids are bisected together: about 20 vectorised Arrow comparisons in all, whatever M.
+        """
+        if len(ids) < self._BATCH_MIN:
+            return np.array([self.get(i, -1) if isinstance(i, str) else -1 for i in ids], dtype=np.int64)
+        n = len(self._order)
+        if n == 0:
+            return np.full(len(ids), -1, np.int64)
+        queries = pa.array(list(ids), pa.string())
+        lo, hi = np.zeros(len(ids), np.int64), np.full(len(ids), n, np.int64)
+        while (active := lo < hi).any():
+            mid = (lo + hi) // 2
+            below = pc.less(self._sorted.take(pa.array(np.minimum(mid, n - 1))), queries)
+            below = np.asarray(below.to_numpy(zero_copy_only=False), dtype=bool)
+            lo = np.where(active & below, mid + 1, lo)
+            hi = np.where(active & ~below, mid, hi)
+        at = np.minimum(lo, n - 1)
+        equal = pc.equal(self._sorted.take(pa.array(at)), queries).to_numpy(zero_copy_only=False)
+        return np.where((lo < n) & np.asarray(equal, dtype=bool), self._order[at], -1)
 
 
 @dataclass

@@ -113,7 +113,8 @@ def plan_query(engine: SearchEngine, request: pb.SearchRequest, config: ServerCo
         filters.setdefault(f.field, []).extend(f.values)
     allowed = engine.allowed_rows(filters)
     row_of = engine.bundle.row_of
-    exclude = [row_of[i] for i in request.exclude_ids if i in row_of]
+    excluded = row_of.rows(list(request.exclude_ids))
+    exclude = excluded[excluded >= 0].tolist()
     kind = request.WhichOneof("query")
     filter_key = tuple(sorted((f, tuple(sorted(set(v)))) for f, v in filters.items()))
     plan = QueryPlan(kind or "", method, k, rerank, k_prep, allowed, filter_key, np.zeros(0, np.int64))
@@ -198,9 +199,8 @@ def _study_plan(engine: SearchEngine, request: pb.SearchRequest, config: ServerC
             for i, data in enumerate(request.study_images)
         ]
     plan.kind, plan.fusion = "study", fusion
-    plan.exclude = np.asarray(
-        sorted({engine.bundle.row_of[i] for i in request.exclude_ids if i in engine.bundle.row_of}), dtype=np.int64
-    )
+    excluded = engine.bundle.row_of.rows(list(request.exclude_ids))
+    plan.exclude = np.unique(excluded[excluded >= 0]).astype(np.int64)
     return plan
 
 

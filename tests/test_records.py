@@ -51,6 +51,9 @@ def test_row_of_finds_every_id_and_nothing_else():
     big = Records.from_columns(ids, ids, {})
     probe = rng.integers(0, 5000, 200)
     assert [big.row_of[ids[i]] for i in probe] == probe.tolist()
+    asked = [ids[i] for i in probe] + ["id-99999", "", "id-", "zzz", "id-00000x", "a"]  # misses below, between, above
+    assert big.row_of.rows(asked).tolist() == probe.tolist() + [-1] * 6  # the batched bisection (>= 32 ids)
+    assert big.row_of.rows(asked[:5] + ["nope"]).tolist() == probe[:5].tolist() + [-1]  # one by one
 
 
 def test_take_concat_and_rows_by_value():
