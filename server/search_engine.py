@@ -35,6 +35,14 @@ class SearchResult:
     distances: np.ndarray
 
 
+def best_k(candidates: np.ndarray, distances: np.ndarray, k: int) -> SearchResult:
+    """The k closest of each row's candidates (Q, K) by new ``distances`` (Q, K), ties kept in candidate order."""
+    order = np.argsort(distances, axis=1, kind="stable")[:, :k]
+    rows = np.take_along_axis(candidates, order, axis=1)
+    dist = np.take_along_axis(distances, order, axis=1)
+    return SearchResult(pad(rows, k, -1), pad(dist, k, np.inf))
+
+
 class SearchEngine:
     """Holds a bundle's indices and (lazily restored, then reused) extractors; answers batched queries."""
 
@@ -218,11 +226,7 @@ class SearchEngine:
         with stage("search"):
             candidates = self._knn(info, q, k_prep, allowed, exclude).rows
         with stage("rerank"):
-            dist = self._candidate_distances(rinfo, rq, candidates)
-            order = np.argsort(dist, axis=1, kind="stable")[:, :k]
-            rows = np.take_along_axis(candidates, order, axis=1)
-            dist = np.take_along_axis(dist, order, axis=1)
-        return SearchResult(pad(rows, k, -1), pad(dist, k, np.inf))
+            return best_k(candidates, self._candidate_distances(rinfo, rq, candidates), k)
 
     def _reciprocal_search(
         self,
@@ -248,10 +252,7 @@ class SearchEngine:
             dist = reciprocal_distances(
                 found.rows, found.distances, neighbours, neighbour_distances, reciprocal.k1, reciprocal.blend
             )
-            order = np.argsort(dist, axis=1, kind="stable")[:, :k]
-            rows = np.take_along_axis(found.rows, order, axis=1)
-            dist = np.take_along_axis(dist, order, axis=1)
-        return SearchResult(pad(rows, k, -1), pad(dist, k, np.inf))
+            return best_k(found.rows, dist, k)
 
     def _expand(
         self,
