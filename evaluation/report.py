@@ -103,7 +103,11 @@ def build_table(cfg: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-CV_DATASETS = (("unifesp-cv.json", ("label",)), ("mednist-cv.json", ("body_region", "modality", "label")))
+CV_DATASETS = (
+    ("unifesp-cv.json", ("label",)),
+    ("unifesp-cv-qe.json", ("label",)),
+    ("mednist-cv.json", ("body_region", "modality", "label")),
+)
 
 
 def cv_table(path: Path, relevances: tuple[str, ...]) -> str:
