@@ -43,7 +43,7 @@ from cbmir.extractors.imaging import DicomWindows, dicom_windows
 
 from .index_types import FAISS_METRICS, apply_search_params
 from .manifest import MANIFEST, MANIFEST_CHECKSUM, manifest_digest, validate_manifest, verify_manifest_bytes
-from .records import RECORDS_JSON, RECORDS_PARQUET, Records, RowOfId, StringColumn, read_records, write_records
+from .records import RECORDS_PARQUET, Records, RowOfId, StringColumn, read_records, records_file, write_records
 
 log = logging.getLogger(__name__)
 
@@ -390,8 +390,7 @@ def load_bundle(path: str | os.PathLike[str], *, verify: bool = True, search_ind
     if verify:
         verify_files(version_dir, manifest)
     count = manifest["count"]
-    records_file = RECORDS_PARQUET if manifest["format_version"] >= 2 else RECORDS_JSON
-    records = read_records(version_dir / records_file, count)
+    records = read_records(version_dir / records_file(manifest["format_version"]), count)
     methods = {}
     for name, info in manifest["methods"].items():
         desc_path = version_dir / info["files"]["descriptors"]

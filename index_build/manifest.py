@@ -20,6 +20,7 @@ from cbmir.extractors.base import METRICS
 from cbmir.extractors.imaging import dicom_windows
 
 from .index_types import INDEX_TYPES
+from .records import records_file
 
 MANIFEST = "manifest.json"
 MANIFEST_CHECKSUM = "manifest.sha256"
@@ -109,9 +110,9 @@ def validate_manifest(
         if not _SHA256.match(str(check.get(info, "sha256", f"{field}.sha256", str))):
             raise check.fail(f"{field}.sha256", "not a SHA-256 hex digest")
         check.integer(info, "bytes", f"{field}.bytes", 0)
-    records_file = "records.json" if manifest.get("format_version") == 1 else "records.parquet"
-    if records_file not in files:
-        raise check.fail("files", f"{records_file} is not listed")
+    records = records_file(manifest.get("format_version"))
+    if records not in files:
+        raise check.fail("files", f"{records} is not listed")
     methods = check.get(manifest, "methods", "methods", dict)
     if not methods:
         raise check.fail("methods", "no method is indexed")
@@ -140,7 +141,7 @@ def validate_manifest(
         for role, file_name in method_files.items():
             if not isinstance(file_name, str) or file_name not in files:
                 raise check.fail(f"{field}.files.{role}", f"{file_name!r} is not listed in files with a checksum")
-    used = {records_file} | {f for m in methods.values() for f in m["files"].values()}
+    used = {records} | {f for m in methods.values() for f in m["files"].values()}
     unused = sorted(set(files) - used)
     if unused:
         raise check.fail(f"files.{unused[0]}", "listed but used by no method (a method's entry was removed?)")

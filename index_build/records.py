@@ -25,9 +25,14 @@ from cbmir.errors import BundleError
 
 RECORDS_PARQUET = "records.parquet"
 RECORDS_JSON = "records.json"
-RECORD_FILES = (RECORDS_PARQUET, RECORDS_JSON)
 ID, URI, SHA256 = "id", "uri", "content_sha256"
 META_PREFIX = "meta."
+
+
+def records_file(format_version: int | None) -> str:
+    """The records file of a bundle of this format version (format 1 kept them in JSON)."""
+    return RECORDS_JSON if format_version == 1 else RECORDS_PARQUET
+
 
 Row = tuple[str, str, dict[str, str], str]
 """One record as written: (id, uri, metadata, SHA-256 of the pixels)."""

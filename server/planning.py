@@ -114,10 +114,9 @@ def plan_query(engine: SearchEngine, request: pb.SearchRequest, config: ServerCo
     allowed = engine.allowed_rows(filters)
     row_of = engine.bundle.row_of
     excluded = row_of.rows(list(request.exclude_ids))
-    exclude = excluded[excluded >= 0].tolist()
     kind = request.WhichOneof("query")
     filter_key = tuple(sorted((f, tuple(sorted(set(v)))) for f, v in filters.items()))
-    plan = QueryPlan(kind or "", method, k, rerank, k_prep, allowed, filter_key, np.zeros(0, np.int64))
+    plan = QueryPlan(kind or "", method, k, rerank, k_prep, allowed, filter_key, np.unique(excluded[excluded >= 0]))
     if request.expand:
         alpha = request.expand_alpha if request.HasField("expand_alpha") else DEFAULT_EXPANSION_ALPHA
         plan.expansion = QueryExpansion(request.expand, alpha)
@@ -152,7 +151,7 @@ def plan_query(engine: SearchEngine, request: pb.SearchRequest, config: ServerCo
         if rerank is not None:
             plan.rerank_vector = engine.method(rerank).descriptors[row : row + 1]
         if not request.include_self:
-            exclude.append(row)
+            plan.exclude = np.union1d(plan.exclude, [row]).astype(np.int64)
     else:
         plan.vector = engine.check_queries(method, np.asarray(request.vector.values, dtype=np.float32))
         if rerank is not None:
@@ -169,7 +168,6 @@ def plan_query(engine: SearchEngine, request: pb.SearchRequest, config: ServerCo
         if not 0.0 <= confidence <= 1.0:
             raise InvalidInputError(f"min_class_confidence must be within [0, 1], got {confidence}")
         plan.min_class_confidence = confidence
-    plan.exclude = np.asarray(sorted(set(exclude)), dtype=np.int64)
     plan.shaping = _shaping(engine, request, config, plan)
     return plan
 
@@ -199,8 +197,6 @@ def _study_plan(engine: SearchEngine, request: pb.SearchRequest, config: ServerC
             for i, data in enumerate(request.study_images)
         ]
     plan.kind, plan.fusion = "study", fusion
-    excluded = engine.bundle.row_of.rows(list(request.exclude_ids))
-    plan.exclude = np.unique(excluded[excluded >= 0]).astype(np.int64)
     return plan
 
 

@@ -82,6 +82,6 @@ def reciprocal_distances(
     union = query_weights.sum(axis=1, keepdims=True) + neighbour_weights.sum(axis=2) - inter
     jaccard = 1.0 - np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
     finite = np.where(valid, distances, 0.0)
-    scale = np.maximum(finite.max(axis=1, keepdims=True), 1e-12)
-    blended = (1.0 - blend) * jaccard + blend * finite / scale
+    farthest = np.maximum(finite.max(axis=1, keepdims=True), 1e-12)
+    blended = (1.0 - blend) * jaccard + blend * finite / farthest
     return np.where(valid, blended, np.inf).astype(np.float32)
