@@ -4,7 +4,7 @@ SHARED ?= ../shared/data
 BUNDLES ?= bundles
 RESULTS ?= docs/results
 
-.PHONY: setup demo test test-slow lint proto eval eval-mednist eval-unifesp eval-cv eval-cv-unifesp eval-cv-mednist eval-runtimes eval-unifesp-qe bench bench-bundle \
+.PHONY: setup demo test test-slow lint proto eval eval-mednist eval-unifesp eval-cv eval-cv-unifesp eval-cv-mednist eval-runtimes eval-unifesp-qe eval-unifesp-ssl bench bench-bundle \
 	soak report clean
 
 # Debian's chromium drives the page test (tests/test_ui.py); installed when missing and apt-get is at hand (root).
@@ -66,6 +66,19 @@ eval-unifesp-qe:
 	cbmir eval --index $(BUNDLES)/unifesp \
 		--methods cnn,cnn:qe1,cnn:qe2,cnn:qe3,cnn:qe5,cnn:qe10,cnn:kr10,cnn:kr20,cnn:kr30,cnn:qe2:kr20,hog,hog:qe3,hog:kr20,cnn+hog,cnn+hog:qe3 \
 		--k-prep 10 --relevance label --exclude-same patient_id --json $(RESULTS)/unifesp-qe.json --no-progress
+
+# Label-free: contrastive training on all 1,738 UNIFESP images without their labels (about 18 min on a 2-core CPU),
+# then the 1,606 single-label images indexed with it and evaluated patient-disjoint, unshifted and under site shift.
+SSL_TRAIN ?= --epochs 20 --batch-size 48 --lr 2e-4 --image-size 160
+eval-unifesp-ssl:
+	cbmir train --self-supervised --images $(SHARED)/unifesp_bodypart --group-field patient_id $(SSL_TRAIN) \
+		--out $(BUNDLES)/unifesp-ssl.pt --no-progress
+	cbmir build --images $(SHARED)/unifesp_bodypart --select single_label=1 --extractors cnn \
+		--weights $(BUNDLES)/unifesp-ssl.pt --image-size 224 --out $(BUNDLES)/unifesp-ssl --no-progress
+	cbmir eval --index $(BUNDLES)/unifesp-ssl --methods cnn,cnn:qe2,cnn:qe3,cnn:kr20,cnn:qe2:kr20 --k-prep 10 \
+		--relevance label --exclude-same patient_id --json $(RESULTS)/unifesp-ssl.json --no-progress
+	cbmir eval --index $(BUNDLES)/unifesp-ssl --methods cnn --relevance label --exclude-same patient_id \
+		--shift all --json $(RESULTS)/shift-unifesp-ssl.json --no-progress
 
 eval-cv: eval-cv-unifesp eval-cv-mednist
 

@@ -19,6 +19,7 @@ DATASETS = (  # result file, relevance field -> the paper's column
     ("mednist-fast.json", {"body_region": "region", "modality": "modality", "label": "both"}),
     ("unifesp.json", {"label": "region"}),
     ("unifesp-qe.json", {"label": "region"}),
+    ("unifesp-ssl.json", {"label": "region"}),
 )
 WORST_CLASSES = 5
 
@@ -145,6 +146,33 @@ def cv_table(path: Path, relevances: tuple[str, ...]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def shift_table(path: Path) -> str:
+    """P@1 and P@10 of each method unshifted and under the site shift (``cbmir eval --shift``)."""
+    doc = json.loads(path.read_text())
+    shift = doc["site_shift"]
+    lines = [
+        "| method | relevance | P@1 | P@1 shifted | drop | P@10 | P@10 shifted |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in shift["results"]:
+        before, after = r["unshifted"], r["shifted"]
+        lines.append(
+            f"| {r['method']} | {r['relevance']} | {before['P@1']:.3f} | {after['P@1']:.3f} | {r['P@1_drop']:.3f} "
+            f"| {before['P@10']:.3f} | {after['P@10']:.3f} |"
+        )
+    methods = doc.get("config", {}).get("methods", {})
+    weights = sorted(
+        {str(m.get("config", {}).get("weights")) for m in methods.values() if "weights" in m.get("config", {})}
+    )
+    lines += [
+        "",
+        f"Changes: {'+'.join(shift['shifts'])}; {shift['queries']} queries, seed {shift['seed']}, own "
+        f"{shift.get('exclude_same') or 'image'} excluded; cnn weights: {', '.join(weights) or 'n/a'}. "
+        f"Command: `{doc.get('config', {}).get('command', '')}`.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
@@ -165,6 +193,9 @@ def main(argv: list[str] | None = None) -> None:
         if path.exists():
             print(f"## {name.removesuffix('.json')} (group k-fold cross-validation, fine-tuned methods)\n")
             print(cv_table(path, rels))
+    for path in sorted(results.glob("shift-*.json")):
+        print(f"## {path.stem} (site shift)\n")
+        print(shift_table(path))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import pytest
 from cbmir.cli import main
 from cbmir.errors import InvalidInputError
 from cbmir.evaluation.protocols import score_rankings
+from cbmir.evaluation.report import shift_table
 from cbmir.evaluation.site_shift import evaluate_site_shift
 from cbmir.index_build import load_bundle
 from cbmir.server.search_engine import SearchEngine
@@ -58,3 +59,8 @@ def test_cli_writes_the_shift_table(small_bundle: Path, tmp_path: Path, capsys: 
     printed = capsys.readouterr().out
     assert "site shift (gamma+resize, 20 queries, seed 0)" in printed and "| hog | label |" in printed
     assert json.loads(out.read_text())["site_shift"]["results"][0]["method"] == "hog"
+    doc = json.loads(out.read_text())
+    row = doc["site_shift"]["results"][0]
+    table = shift_table(out)
+    assert f"| hog | label | {row['unshifted']['P@1']:.3f} | {row['shifted']['P@1']:.3f} |" in table
+    assert "Changes: gamma+resize; 20 queries, seed 0" in table
