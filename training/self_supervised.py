@@ -17,7 +17,6 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -31,7 +30,15 @@ from .config import TrainConfig
 from .losses import supervised_contrastive_loss
 from .reexport import SHIFTS, random_reexport, shift_image
 from .splits import group_codes, group_split
-from .trainer import TrainResult, adamw_warmup_cosine, describe_pixels, new_extractor, seed_everything
+from .trainer import (
+    TrainResult,
+    adamw_warmup_cosine,
+    describe_pixels,
+    finish_training,
+    new_extractor,
+    optimiser_step,
+    seed_everything,
+)
 
 log = logging.getLogger("cbmir.train")
 
@@ -135,11 +142,7 @@ def train_self_supervised(
                 loss = supervised_contrastive_loss(
                     torch.nn.functional.normalize(z.float(), dim=1), ids, config.temperature
                 )
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
+            optimiser_step(loss, optimizer, scaler, scheduler)
             step += 1
             n_batches += 1
             loss_sum += float(loss.detach())
@@ -157,25 +160,21 @@ def train_self_supervised(
         if max_steps is not None and step >= max_steps:
             break
 
-    net.eval()
-    extractor.reset_runtime()
-    if extractor.needs_fit:
-        extractor.fit([images[i] for i in train_idx[:256]])
-    seconds = time.perf_counter() - t_start
-    training = {
-        **asdict(config),
-        "objective": "self-supervised: NT-Xent over two site-shifted, cropped views"
+    epochs_run = len([r for r in history if r["epoch"] > 0])
+    training = finish_training(
+        extractor,
+        [images[i] for i in train_idx[:256]],
+        config,
+        t_start,
+        objective="self-supervised: NT-Xent over two site-shifted, cropped views"
         + (", patient positives" if config.group_positives and groups is not None else ""),
-        "classes": 0,
-        "train_images": int(len(train_idx)),
-        "val_images": int(len(val_idx)),
-        "best_epoch": len([r for r in history if r["epoch"] > 0]),
-        "best_val_mAP": None,
-        "history": history,
-        "seconds": round(seconds, 1),
-        "device": str(device),
-        "torch": str(torch.__version__),
-    }
+        classes=0,
+        train_images=int(len(train_idx)),
+        val_images=int(len(val_idx)),
+        best_epoch=epochs_run,
+        best_val_mAP=None,
+        history=history,
+    )
     extractor.classes = None
     extractor.training = training
     return TrainResult(
@@ -184,6 +183,6 @@ def train_self_supervised(
         history=history,
         best_epoch=training["best_epoch"],
         best_val_map=None,
-        seconds=seconds,
+        seconds=training["seconds"],
         training=training,
     )

@@ -139,6 +139,37 @@ def describe_pixels(extractor: CNNExtractor, pixels: torch.Tensor, batch_size: i
     return np.concatenate(out) if out else np.zeros((0, extractor.raw_dim), np.float32)
 
 
+def optimiser_step(
+    loss: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+) -> None:
+    """One scaled backward pass, optimiser update and learning-rate step."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+
+
+def finish_training(
+    extractor: CNNExtractor, fit_images: Sequence[np.ndarray], config: TrainConfig, t_start: float, **fields: Any
+) -> dict[str, Any]:
+    """Put the trained network in eval mode, refit what the extractor fits, and return the run's record."""
+    extractor.net.eval()
+    extractor.reset_runtime()
+    if extractor.needs_fit:
+        extractor.fit(fit_images)
+    return {
+        **asdict(config),
+        **fields,
+        "seconds": round(time.perf_counter() - t_start, 1),
+        "device": str(extractor.device),
+        "torch": str(torch.__version__),
+    }
+
+
 def train_extractor(
     images: Sequence[np.ndarray],
     labels: Sequence[str],
@@ -231,11 +262,7 @@ def train_extractor(
                     torch.nn.functional.normalize(feats.float(), dim=1), yb, config.temperature
                 )
                 loss = loss_ce + config.supcon_weight * loss_sc
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
+            optimiser_step(loss, optimizer, scaler, scheduler)
             step += 1
             n_batches += 1
             sums["loss"] += float(loss.detach())
@@ -271,23 +298,19 @@ def train_extractor(
     if best_state is None or best_head is None:
         raise InvalidInputError("no training step ran: the training split holds fewer than 2 images")
     net.load_state_dict(best_state)
-    net.eval()
-    extractor.reset_runtime()
-    if extractor.needs_fit:
-        extractor.fit([images[i] for i in train_idx[:256]])
-    seconds = time.perf_counter() - t_start
-    training = {
-        **asdict(config),
-        "classes": len(classes),
-        "train_images": int(len(train_idx)),
-        "val_images": int(len(val_idx)),
-        "best_epoch": best_epoch,
-        "best_val_mAP": round(best_map, 5) if len(val_idx) else None,
-        "history": history,
-        "seconds": round(seconds, 1),
-        "device": str(device),
-        "torch": str(torch.__version__),
-    }
+    training = finish_training(
+        extractor,
+        [images[i] for i in train_idx[:256]],
+        config,
+        t_start,
+        classes=len(classes),
+        train_images=int(len(train_idx)),
+        val_images=int(len(val_idx)),
+        best_epoch=best_epoch,
+        best_val_mAP=round(best_map, 5) if len(val_idx) else None,
+        history=history,
+    )
+    seconds = training["seconds"]
     extractor.classes = classes
     extractor.training = training
     extractor.set_head(best_head["weight"].numpy(), best_head["bias"].numpy())
