@@ -129,7 +129,8 @@ def _labelled_images(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def _unlabelled_images(args: argparse.Namespace) -> tuple[Any, Any]:
-    """The selected archive and all its decoded images (--max-images: a random subsample); no label is read."""
+    """The selected archive and all its decoded images (--max-images: a random subsample, drawn before decoding);
+    no label is read."""
     import numpy as np
 
     from cbmir.training.dataset import decode_archive
@@ -137,10 +138,10 @@ def _unlabelled_images(args: argparse.Namespace) -> tuple[Any, Any]:
     archive = _selected_archive(args)
     if not len(archive):
         raise InvalidInputError(f"no images in {archive.source}")
-    data = decode_archive(archive, progress=not args.no_progress)
-    if args.max_images and args.max_images < len(data):
+    if args.max_images and args.max_images < len(archive):
         rng = np.random.default_rng(args.seed)
-        data = data.subset(np.sort(rng.choice(len(data), args.max_images, replace=False)).tolist())
+        archive = archive.subset(np.sort(rng.choice(len(archive), args.max_images, replace=False)).tolist())
+    data = decode_archive(archive, progress=not args.no_progress)
     log.info("%d images of %s without labels (%d unreadable)", len(data), archive.source, len(data.skipped))
     return archive, data
 

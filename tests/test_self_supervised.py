@@ -87,9 +87,11 @@ def test_cli_trains_on_an_archive_without_labels_and_builds_with_it(tmp_path: Pa
     common = ["--model", "test_efficientnet", "--image-size", "32", "--no-progress"]
     rc = main(
         ["train", "--self-supervised", "--images", str(archive), "--weights", "random", "--epochs", "1"]
-        + ["--batch-size", "4", "--freeze-blocks", "0", "--out", str(ckpt), *common]
+        + ["--batch-size", "4", "--freeze-blocks", "0", "--max-images", "10", "--out", str(ckpt), *common]
     )
     assert rc == 0 and ckpt.is_file()
+    training = torch.load(ckpt, map_location="cpu", weights_only=False)["training"]
+    assert training["train_images"] + training["val_images"] == 10 and training["label_field"] is None
     bundle = tmp_path / "bundle"
     rc = main(["build", "--images", str(archive), "--extractors", "cnn", "--weights", str(ckpt), "--out", str(bundle)])
     assert rc != 0, "build without --model test_efficientnet must refuse a checkpoint of another backbone"
