@@ -107,6 +107,8 @@ def build_table(cfg: dict) -> str:
 CV_DATASETS = (
     ("unifesp-cv.json", ("label",)),
     ("unifesp-cv-qe.json", ("label",)),
+    ("unifesp-cv-ssl.json", ("label",)),
+    ("unifesp-cv-ssl-siteshift.json", ("label",)),
     ("mednist-cv.json", ("body_region", "modality", "label")),
 )
 
