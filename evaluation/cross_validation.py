@@ -205,6 +205,7 @@ def cross_validate(
                         model=train_config.model,
                         weights=str(ckpt),
                         image_size=train_config.image_size,
+                        intensity=train_config.intensity,
                         stages=multiscale_stages,
                         pca_dim=min(multiscale_dim, n),
                         device=device,

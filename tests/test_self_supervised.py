@@ -102,3 +102,14 @@ def test_cli_trains_on_an_archive_without_labels_and_builds_with_it(tmp_path: Pa
     assert rc == 0
     config = load_bundle(bundle).manifest["methods"]["cnn"]["config"]
     assert config["training"]["self_supervised"] is True and not config["classes"]
+
+
+def test_loading_with_another_intensity_than_training_warns(self_trained, caplog: pytest.LogCaptureFixture) -> None:
+    _, _, ckpt = self_trained
+    with caplog.at_level("WARNING", logger="cbmir.extractors"):
+        create_extractor("cnn", weights=str(ckpt), image_size=64, intensity="clahe", device="cpu")
+    assert "trained with intensity 'none'" in caplog.text and "--intensity none" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="cbmir.extractors"):
+        create_extractor("cnn", weights=str(ckpt), image_size=64, device="cpu")
+    assert "trained with intensity" not in caplog.text

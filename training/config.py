@@ -29,7 +29,7 @@ class TrainConfig:
         val_fraction: share of groups (patients) held out for early stopping; 0 trains for ``epochs``.
         patience: epochs without a better validation mAP before stopping.
         hflip: add horizontal flips to the augmentation.
-        site_shift: augment with the site-shift family of ``cbmir eval --shift`` too (windows, gamma, JPEG,
+        site_shift: augment with the site-shift family of cbmir eval --shift too (windows, gamma, JPEG,
             resize, noise; each change with probability 0.5); self-supervised training always does.
         self_supervised: train without labels: two augmented views of an image (crops, site shifts) are positives,
             every other image in the batch a negative; the checkpoint has no classification head.
