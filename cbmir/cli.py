@@ -772,7 +772,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--group-field", help="column grouping images of one patient; validation never shares one")
     _add_select(t, "train only on")
-    t.add_argument("--max-images", type=int, default=0, help="class-balanced subsample of this many images")
+    t.add_argument(
+        "--max-images",
+        type=int,
+        default=0,
+        help="class-balanced subsample of this many images (random with --self-supervised)",
+    )
     _add_train_flags(t)
     _add_device(t)
     t.add_argument("--out", required=True, help="checkpoint file to write")

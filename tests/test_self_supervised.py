@@ -73,8 +73,10 @@ def test_own_view_diagnostic_finds_identical_images() -> None:
     extractor = create_extractor("cnn", model="test_efficientnet", weights="random", image_size=32, device="cpu")
     extractor.load_pretrained()
     distinct = torch.from_numpy(np.random.default_rng(0).random((6, 32, 32), dtype=np.float32))
-    assert 0.0 <= own_view_top1(extractor, distinct, seed=0) <= 1.0
-    assert np.isnan(own_view_top1(extractor, distinct[:1], seed=0))
+    reexported = torch.from_numpy(random_reexport(distinct.numpy(), np.random.default_rng(0), p=1.0))
+    assert 0.0 <= own_view_top1(extractor, distinct, reexported) <= 1.0
+    assert own_view_top1(extractor, distinct, distinct.clone()) == 1.0
+    assert np.isnan(own_view_top1(extractor, distinct[:1], reexported[:1]))
 
 
 def test_cli_trains_on_an_archive_without_labels_and_builds_with_it(tmp_path: Path) -> None:

@@ -28,7 +28,7 @@ from cbmir.extractors.cnn import CNNExtractor
 from .augment import radiograph_augmentation
 from .config import TrainConfig
 from .losses import supervised_contrastive_loss
-from .reexport import SHIFTS, random_reexport, shift_image
+from .reexport import random_reexport
 from .splits import group_codes, group_split
 from .trainer import (
     TrainResult,
@@ -46,21 +46,20 @@ SELF_SUPERVISED_CROP_SCALE = (0.35, 1.0)
 """Area range of the views' random crops."""
 
 
-def own_view_top1(extractor: CNNExtractor, pixels: torch.Tensor, seed: int) -> float:
-    """Share of images that, re-exported with every site change, retrieve their own original first.
+def own_view_top1(extractor: CNNExtractor, originals: torch.Tensor, reexported: torch.Tensor) -> float:
+    """Share of re-exported images that retrieve their own original first.
 
     Args:
         extractor: the network being trained.
-        pixels: (N, S, S) float32 in [0, 1] held-out images.
-        seed: fixes the re-exports, so epochs are compared on the same queries.
+        originals: (N, S, S) float32 in [0, 1] held-out images.
+        reexported: (N, S, S) the same images re-exported with every site change (made once, so epochs are
+            compared on the same queries).
     """
-    if len(pixels) < 2:
+    if len(originals) < 2:
         return float("nan")
-    rng = np.random.default_rng(seed)
-    shifted = np.stack([shift_image(p, SHIFTS, rng) for p in pixels.numpy()])
-    originals = describe_pixels(extractor, pixels)
-    queries = describe_pixels(extractor, torch.from_numpy(shifted))
-    return float(np.mean(np.argmax(queries @ originals.T, axis=1) == np.arange(len(pixels))))
+    gallery = describe_pixels(extractor, originals)
+    queries = describe_pixels(extractor, reexported)
+    return float(np.mean(np.argmax(queries @ gallery.T, axis=1) == np.arange(len(originals))))
 
 
 def train_self_supervised(
@@ -110,6 +109,7 @@ def train_self_supervised(
     ).to(device)
     pixels = extractor.preprocess(images)
     val_pixels = torch.from_numpy(pixels[val_idx])
+    val_reexported = torch.from_numpy(random_reexport(pixels[val_idx], np.random.default_rng(config.seed), p=1.0))
     identity_t = torch.from_numpy(identity)
     rng = np.random.default_rng(config.seed)
     steps_per_epoch = max(1, len(train_idx) // config.batch_size)
@@ -119,7 +119,9 @@ def train_self_supervised(
 
     history: list[dict[str, float]] = []
     if len(val_idx):
-        history.append({"epoch": 0, "val_own_view_top1": round(own_view_top1(extractor, val_pixels, config.seed), 5)})
+        history.append(
+            {"epoch": 0, "val_own_view_top1": round(own_view_top1(extractor, val_pixels, val_reexported), 5)}
+        )
     step = 0
     for epoch in range(1, config.epochs + 1):
         net.train()
@@ -152,7 +154,7 @@ def train_self_supervised(
         row: dict[str, float] = {"epoch": epoch, "loss": round(loss_sum / max(1, n_batches), 5)}
         row["train_s"] = round(time.perf_counter() - t_epoch, 1)
         if len(val_idx):
-            row["val_own_view_top1"] = round(own_view_top1(extractor, val_pixels, config.seed), 5)
+            row["val_own_view_top1"] = round(own_view_top1(extractor, val_pixels, val_reexported), 5)
         history.append(row)
         log.info("epoch %d: %s", epoch, ", ".join(f"{k} {v}" for k, v in row.items() if k != "epoch"))
         if not math.isfinite(row["loss"]):
@@ -160,18 +162,17 @@ def train_self_supervised(
         if max_steps is not None and step >= max_steps:
             break
 
-    epochs_run = len([r for r in history if r["epoch"] > 0])
     training = finish_training(
         extractor,
-        [images[i] for i in train_idx[:256]],
+        images,
+        train_idx,
         config,
         t_start,
         objective="self-supervised: NT-Xent over two site-shifted, cropped views"
         + (", patient positives" if config.group_positives and groups is not None else ""),
         classes=0,
-        train_images=int(len(train_idx)),
         val_images=int(len(val_idx)),
-        best_epoch=epochs_run,
+        best_epoch=int(history[-1]["epoch"]) if history else 0,
         best_val_mAP=None,
         history=history,
     )

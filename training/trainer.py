@@ -154,16 +154,23 @@ def optimiser_step(
 
 
 def finish_training(
-    extractor: CNNExtractor, fit_images: Sequence[np.ndarray], config: TrainConfig, t_start: float, **fields: Any
+    extractor: CNNExtractor,
+    images: Sequence[np.ndarray],
+    train_idx: np.ndarray,
+    config: TrainConfig,
+    t_start: float,
+    **fields: Any,
 ) -> dict[str, Any]:
-    """Put the trained network in eval mode, refit what the extractor fits, and return the run's record."""
+    """Put the trained network in eval mode, refit what the extractor fits (on up to 256 training images), and
+    return the run's record."""
     extractor.net.eval()
     extractor.reset_runtime()
     if extractor.needs_fit:
-        extractor.fit(fit_images)
+        extractor.fit([images[i] for i in train_idx[:256]])
     return {
         **asdict(config),
         **fields,
+        "train_images": int(len(train_idx)),
         "seconds": round(time.perf_counter() - t_start, 1),
         "device": str(extractor.device),
         "torch": str(torch.__version__),
@@ -300,11 +307,11 @@ def train_extractor(
     net.load_state_dict(best_state)
     training = finish_training(
         extractor,
-        [images[i] for i in train_idx[:256]],
+        images,
+        train_idx,
         config,
         t_start,
         classes=len(classes),
-        train_images=int(len(train_idx)),
         val_images=int(len(val_idx)),
         best_epoch=best_epoch,
         best_val_mAP=round(best_map, 5) if len(val_idx) else None,
