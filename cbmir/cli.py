@@ -530,6 +530,7 @@ def cmd_query(args: argparse.Namespace) -> int:
             k_prep=args.k_prep,
             filters=_pairs(args.filter, "--filter"),
             predict_class=args.predict_class,
+            class_vote=args.class_vote,
             group_by=args.group_by or "",
             group_size=args.group_size,
             max_distance=args.max_distance,
@@ -879,6 +880,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--predict-class",
         action="store_true",
         help="fine-tuned methods: search only the class the model predicts (whole archive when unsure)",
+    )
+    q.add_argument(
+        "--class-vote",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --predict-class: the query's N nearest images vote on the class beside the head (0: head only)",
     )
     _add_client_options(q, timeout=30.0)
     q.add_argument("--json", action="store_true", help="print the hits as JSON (for scripts)")

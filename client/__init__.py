@@ -68,6 +68,7 @@ class SearchOptions(TypedDict, total=False):
     rerank_vector: Sequence[float] | np.ndarray | None
     predict_class: bool
     min_class_confidence: float
+    class_vote: int
     group_by: str
     group_size: int
     max_distance: float | None
@@ -125,6 +126,7 @@ def build_request(
     rerank_vector: Sequence[float] | np.ndarray | None = None,
     predict_class: bool = False,
     min_class_confidence: float = 0.0,
+    class_vote: int = 0,
     group_by: str = "",
     group_size: int = 0,
     max_distance: float | None = None,
@@ -151,6 +153,8 @@ def build_request(
         raise InvalidInputError(f"reciprocal_k1 must be 0 (off) or the neighbour set size, got {reciprocal_k1}")
     if expand < 0:
         raise InvalidInputError(f"expand must be 0 (off) or the number of hits to expand with, got {expand}")
+    if class_vote < 0:
+        raise InvalidInputError(f"class_vote must be 0 (head only) or a number of neighbours, got {class_vote}")
     req = pb.SearchRequest(
         k=k,
         method=method,
@@ -160,6 +164,7 @@ def build_request(
         include_self=include_self,
         predict_class=predict_class,
         min_class_confidence=min_class_confidence,
+        class_vote=class_vote,
         group_by=group_by,
         group_size=group_size,
         offset=offset,

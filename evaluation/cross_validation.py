@@ -150,6 +150,7 @@ def cross_validate(
     rows = {spec: np.full((n, K), -1, np.int64) for spec in methods}
     fold_info: list[dict[str, Any]] = []
     extra: dict[str, Any] = {"classpred_routed": 0, "classpred_correct": 0, "head_correct": 0}
+    routing_counted = next((spec for spec in methods if parse_method(spec).method == "classpred"), None)
     speed: dict[str, list[float]] = {"flat_ms": [], "hashing_ms": []}
     for fold in range(folds):
         test = np.flatnonzero(fold_of == fold)
@@ -240,12 +241,14 @@ def cross_validate(
                     rerank_queries=rerank_q,
                     k_prep=k_prep,
                     **parsed.search_options(),
+                    **parsed.class_options(),
                 )
-                routed = predicted >= 0
-                extra["classpred_routed"] += int(routed.sum())
-                extra["classpred_correct"] += int(
-                    (np.asarray(ft.classes)[predicted[routed]] == np.asarray(labels)[test][routed]).sum()
-                )
+                if spec == routing_counted:
+                    routed = predicted >= 0
+                    extra["classpred_routed"] += int(routed.sum())
+                    extra["classpred_correct"] += int(
+                        (np.asarray(ft.classes)[predicted[routed]] == np.asarray(labels)[test][routed]).sum()
+                    )
                 rows[spec][test] = result_rows.rows
             else:
                 rows[spec][test] = engine.search(

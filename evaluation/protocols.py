@@ -35,12 +35,13 @@ K = 10
 @dataclass(frozen=True)
 class MethodSpec:
     """One ranking evaluated: candidates by ``method``, optionally re-ranked by ``rerank``, query-expanded, or
-    k-reciprocally re-ranked."""
+    k-reciprocally re-ranked; class-predicted rankings may blend a neighbour vote into the head's prediction."""
 
     method: str
     rerank: str | None = None
     expansion: QueryExpansion | None = None
     reciprocal: ReciprocalRerank | None = None
+    neighbour_vote: int = 0
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -51,31 +52,42 @@ class MethodSpec:
         """The keyword options of :meth:`SearchEngine.search` this ranking adds."""
         return {"expansion": self.expansion, "reciprocal": self.reciprocal}
 
+    def class_options(self) -> dict[str, Any]:
+        """The extra keyword options of :meth:`SearchEngine.search_predicted_class`."""
+        return {"neighbour_vote": self.neighbour_vote}
+
 
 def parse_method(spec: str) -> MethodSpec:
-    """Parse ``NAME[+RERANK][:qeN][:krN]``.
+    """Parse ``NAME[+RERANK][:qeN][:krN][:voteN]``.
 
     ``cnn``: cnn's ranking; ``cnn+hog``: cnn's candidates re-ranked by hog; ``cnn:qe3``: cnn with alpha query
-    expansion over each query's top 3 hits (alpha 3); ``cnn:kr20``: k-reciprocal re-ranking with k1 = 20.
+    expansion over each query's top 3 hits (alpha 3); ``cnn:kr20``: k-reciprocal re-ranking with k1 = 20;
+    ``classpred:vote10``: the class is predicted from the head and the labels of the query's 10 nearest images.
     """
     ranking, *options = spec.split(":")
     expansion = reciprocal = None
+    vote = 0
     for option in options:
-        match = re.fullmatch(r"(qe|kr)(\d+)", option)
+        match = re.fullmatch(r"(qe|kr|vote)(\d+)", option)
         if match is None:
             raise InvalidInputError(
-                f"method {spec!r}: options are :qeN (query expansion over N hits) and :krN (k-reciprocal, k1 = N)"
+                f"method {spec!r}: options are :qeN (query expansion over N hits), :krN (k-reciprocal, k1 = N) and "
+                ":voteN (classpred: N neighbours vote on the class)"
             )
         if match.group(1) == "qe":
             expansion = QueryExpansion(int(match.group(2)))
-        else:
+        elif match.group(1) == "kr":
             reciprocal = ReciprocalRerank(int(match.group(2)))
+        else:
+            vote = int(match.group(2))
+    if vote and not ranking.startswith("classpred"):
+        raise InvalidInputError(f"method {spec!r}: :voteN applies to classpred (class-predicted search) only")
     parts = ranking.split("+")
     if len(parts) > 2 or not all(parts):
         raise InvalidInputError(f"method {spec!r}: use NAME or NAME+RERANK_NAME, optionally followed by :qeN / :krN")
     if reciprocal is not None and len(parts) == 2:
         raise InvalidInputError(f"method {spec!r}: k-reciprocal re-ranking replaces +RERANK_NAME; use one")
-    return MethodSpec(parts[0], parts[1] if len(parts) == 2 else None, expansion, reciprocal)
+    return MethodSpec(parts[0], parts[1] if len(parts) == 2 else None, expansion, reciprocal, vote)
 
 
 def _codes(values: Sequence[str], vocabulary: dict[str, int]) -> np.ndarray:

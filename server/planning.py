@@ -36,6 +36,7 @@ class QueryPlan:
     vector: np.ndarray | None = None
     rerank_vector: np.ndarray | None = None
     min_class_confidence: float | None = None
+    class_vote: int = 0
     probabilities: np.ndarray | None = None
     predicted_class: str = ""
     shaping: Shaping = Shaping()
@@ -51,6 +52,8 @@ MAX_VALUE_CHARS = 1024
 """Longest archive id or filter value accepted."""
 MAX_LIST_ITEMS = 10_000
 """Most exclude_ids, filters, or values of one filter, in one request."""
+MAX_CLASS_VOTE = 100
+"""Most neighbours voting on a predicted class."""
 
 
 def _check_length(what: str, value: str, limit: int) -> None:
@@ -168,6 +171,11 @@ def plan_query(engine: SearchEngine, request: pb.SearchRequest, config: ServerCo
         if not 0.0 <= confidence <= 1.0:
             raise InvalidInputError(f"min_class_confidence must be within [0, 1], got {confidence}")
         plan.min_class_confidence = confidence
+        if request.class_vote > MAX_CLASS_VOTE:
+            raise InvalidInputError(f"class_vote must be within 0..{MAX_CLASS_VOTE}, got {request.class_vote}")
+        plan.class_vote = request.class_vote
+    elif request.class_vote:
+        raise InvalidInputError("class_vote needs predict_class (it votes on the predicted class)")
     plan.shaping = _shaping(engine, request, config, plan)
     return plan
 

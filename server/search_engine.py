@@ -310,6 +310,7 @@ class SearchEngine:
         k_prep: int | None = None,
         expansion: QueryExpansion | None = None,
         reciprocal: ReciprocalRerank | None = None,
+        neighbour_vote: int = 0,
     ) -> tuple[SearchResult, np.ndarray]:
         """Search only the predicted class when the head is confident; the full archive otherwise.
 
@@ -319,6 +320,8 @@ class SearchEngine:
         Args:
             probabilities: (Q, C) class probabilities from the method's head (columns follow its ``classes``).
             min_confidence: smallest top probability that restricts the search to the predicted class.
+            neighbour_vote: > 0 predicts from the mean of the head's probabilities and the class shares among the
+                query's ``neighbour_vote`` nearest searchable archive images (one more search per query).
             Other arguments as in :meth:`search`.
 
         Returns:
@@ -331,6 +334,11 @@ class SearchEngine:
             raise ValueError(f"probabilities must be (Q, {len(classes)}), got {probs.shape}")
         if not 0.0 <= min_confidence <= 1.0:
             raise InvalidInputError(f"min_confidence must be within [0, 1], got {min_confidence}")
+        if neighbour_vote < 0:
+            raise InvalidInputError(f"neighbour_vote must be 0 (off) or a number of neighbours, got {neighbour_vote}")
+        if neighbour_vote:
+            votes = self._class_shares(method, queries, neighbour_vote, field, classes, allowed, exclude)
+            probs = ((probs + votes) / 2).astype(np.float32)
         predicted = np.where(probs.max(axis=1) >= min_confidence, probs.argmax(axis=1), -1).astype(np.int64)
 
         def run(sel: np.ndarray, mask: Allowed) -> SearchResult:
@@ -367,6 +375,30 @@ class SearchEngine:
                 rows[i, len(have) :] = np.concatenate([full.rows[j][extra][:fill], np.full(fill, -1)])[:fill]
                 dist[i, len(have) :] = np.concatenate([full.distances[j][extra][:fill], np.full(fill, np.inf)])[:fill]
         return SearchResult(rows, dist), predicted
+
+    def _class_shares(
+        self,
+        method: str,
+        queries: np.ndarray,
+        n: int,
+        field: str,
+        classes: Sequence[str],
+        allowed: Allowed,
+        exclude: Sequence[np.ndarray] | None,
+    ) -> np.ndarray:
+        """(Q, C) share of each class among each query's ``n`` nearest archive images (unlabelled hits count for
+        no class)."""
+        hits = self.search(method, queries, n, allowed=allowed, exclude=exclude).rows
+        row_class = np.full(len(self.bundle), -1, np.int64)
+        for c, name in enumerate(classes):
+            rows = self._values[field].get(name)
+            if rows is not None:
+                row_class[rows] = c
+        hit_class = np.where(hits >= 0, row_class[np.maximum(hits, 0)], -1)
+        shares = np.zeros((len(queries), len(classes)), np.float32)
+        q, j = np.nonzero(hit_class >= 0)
+        np.add.at(shares, (q, hit_class[q, j]), 1.0 / n)
+        return shares
 
     def _knn(
         self,

@@ -348,6 +348,7 @@ class RetrievalService(pb_grpc.RetrievalServicer):
                 p.k_prep,
                 p.filter_key,
                 p.min_class_confidence,
+                p.class_vote,
                 p.shaping,
                 p.expansion,
                 p.reciprocal,
@@ -374,6 +375,7 @@ class RetrievalService(pb_grpc.RetrievalServicer):
                     np.concatenate([plans[i].probabilities for i in members]),
                     first.k,
                     min_confidence=first.min_class_confidence,
+                    neighbour_vote=first.class_vote,
                     **common,
                 )
                 classes = engine.extractor(first.method).classes or []

@@ -138,6 +138,7 @@ requests = st.builds(
     include_self=st.booleans(),
     predict_class=st.booleans(),
     min_class_confidence=finite_or_not,
+    class_vote=st.integers(0, 2**32 - 1),
     group_by=st.sampled_from(["", "patient_id", "label", "nope", "x" * 300]),
     group_size=st.integers(0, 2**32 - 1),
     offset=st.integers(0, 2**32 - 1),

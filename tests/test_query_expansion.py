@@ -77,6 +77,8 @@ def test_expansion_limits_and_eval_spec():
     spec = parse_method("cnn+hog:qe5")
     assert (spec.method, spec.rerank, spec.expansion) == ("cnn", "hog", QueryExpansion(5))
     assert spec.names == ("cnn", "hog")
-    for bad in ("cnn:qe", "cnn:xx3", "cnn+", "a+b+c"):
+    assert parse_method("classpred:vote10").class_options() == {"neighbour_vote": 10}
+    assert parse_method("cnn:qe2").class_options() == {"neighbour_vote": 0}
+    for bad in ("cnn:qe", "cnn:xx3", "cnn+", "a+b+c", "cnn:vote5"):
         with pytest.raises(InvalidInputError, match=bad.replace("+", r"\+")):
             parse_method(bad)

@@ -151,6 +151,30 @@ def test_class_predicted_search_stays_in_the_predicted_class(trained, finetuned_
         engine.search_predicted_class("cnn", queries, probs, 10, min_confidence=1.5)
 
 
+def test_neighbour_vote_decides_between_equally_likely_classes(trained, finetuned_bundle: Path) -> None:
+    from cbmir.index_build import load_bundle
+    from cbmir.server.search_engine import SearchEngine
+
+    data, _, _ = trained
+    bundle = load_bundle(finetuned_bundle)
+    engine = SearchEngine(bundle, device="cpu")
+    extractor = engine.extractor("cnn")
+    queries = extractor.transform(extractor.extract(data.images[:20]))
+    classes = np.asarray(extractor.classes)
+    flat = np.full((20, len(classes)), 1.0 / len(classes), np.float32)
+    _, head_only = engine.search_predicted_class("cnn", queries, flat, 10, min_confidence=0.0)
+    assert (head_only == 0).all()
+    labels = np.asarray(bundle.metadata["label"])
+    neighbours = labels[engine.search("cnn", queries, 5).rows]
+    majority = [max(classes, key=lambda c: (row == c).sum()) for row in neighbours]
+    result, voted = engine.search_predicted_class("cnn", queries, flat, 10, min_confidence=0.0, neighbour_vote=5)
+    assert list(classes[voted]) == majority and set(majority) != {classes[0]}
+    for i in range(20):
+        assert set(labels[result.rows[i]]) == {majority[i]}
+    with pytest.raises(InvalidInputError):
+        engine.search_predicted_class("cnn", queries, flat, 10, neighbour_vote=-1)
+
+
 def test_multiscale_descriptor_concatenates_stage_features(trained) -> None:
     data, _, ckpt = trained
     ms = create_extractor("cnn", weights=str(ckpt), image_size=64, stages=(1, 2, 3, 4), device="cpu")
@@ -174,7 +198,7 @@ def test_cross_validation_queries_every_image_once_without_its_patient(unifesp_s
         data,
         label_field="label",
         relevance=["label"],
-        methods=["hog", "finetuned", "classpred", "hashing"],
+        methods=["hog", "finetuned", "classpred", "classpred:vote5", "hashing"],
         group_field="patient_id",
         folds=2,
         train_config=TrainConfig(image_size=64, epochs=1, batch_size=16, device="cpu", val_fraction=0.2),
@@ -187,7 +211,7 @@ def test_cross_validation_queries_every_image_once_without_its_patient(unifesp_s
     for method, rows in doc["rankings"].items():
         assert (rows >= 0).all(), method
         assert not (patients[rows] == patients[:, None]).any(), method
-    assert {r["method"] for r in doc["results"]} == {"hog", "finetuned", "classpred", "hashing"}
+    assert {r["method"] for r in doc["results"]} == {"hog", "finetuned", "classpred", "classpred:vote5", "hashing"}
     assert all(r["queries"] == len(data) for r in doc["results"])
     assert [f["queries"] for f in doc["folds"]] and sum(f["queries"] for f in doc["folds"]) == len(data)
     assert 0.0 <= doc["summary"]["classpred_routed_fraction"] <= 1.0
@@ -223,9 +247,17 @@ def test_server_answers_class_predicted_search(trained, finetuned_bundle: Path) 
         with RetrievalClient(f"127.0.0.1:{running.port}") as client:
             again = client.search_pixels(pixels, k=10, predict_class=True, min_class_confidence=0.01)
             assert client.last_trailers["cbmir-predicted-class"] == predicted and len(again) == 10
-        with pytest.raises(grpc.RpcError) as err:
-            list(stub.Search(build_request(archive_id=data.ids[0], predict_class=True), timeout=30))
-        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            voted = client.search_pixels(pixels, k=10, predict_class=True, min_class_confidence=0.01, class_vote=5)
+            voted_class = client.last_trailers["cbmir-predicted-class"]
+            assert len(voted) == 10 and {h.metadata["label"] for h in voted} == {voted_class}
+        for wrong in (
+            build_request(archive_id=data.ids[0], predict_class=True),
+            build_request(pixels=pixels, class_vote=5),
+            build_request(pixels=pixels, predict_class=True, class_vote=101),
+        ):
+            with pytest.raises(grpc.RpcError) as err:
+                list(stub.Search(wrong, timeout=30))
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, wrong
         channel.close()
     finally:
         running.stop(0)

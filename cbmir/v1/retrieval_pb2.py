@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63\x62mir/v1/retrieval.proto\x12\x08\x63\x62mir.v1\"H\n\nPixelArray\x12\r\n\x05width\x18\x01 \x01(\r\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\x18\n\x06Vector\x12\x0e\n\x06values\x18\x01 \x03(\x02\"/\n\x0eMetadataFilter\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\t\"\xd5\x04\n\rSearchRequest\x12\x0f\n\x05image\x18\x01 \x01(\x0cH\x00\x12&\n\x06pixels\x18\x02 \x01(\x0b\x32\x14.cbmir.v1.PixelArrayH\x00\x12\x14\n\narchive_id\x18\x03 \x01(\tH\x00\x12\"\n\x06vector\x18\x04 \x01(\x0b\x32\x10.cbmir.v1.VectorH\x00\x12\t\n\x01k\x18\x05 \x01(\r\x12\x0e\n\x06method\x18\x06 \x01(\t\x12\x0e\n\x06rerank\x18\x07 \x01(\t\x12\x0e\n\x06k_prep\x18\x08 \x01(\r\x12)\n\x07\x66ilters\x18\t \x03(\x0b\x32\x18.cbmir.v1.MetadataFilter\x12\x13\n\x0b\x65xclude_ids\x18\n \x03(\t\x12\x14\n\x0cinclude_self\x18\x0b \x01(\x08\x12\'\n\rrerank_vector\x18\x0c \x01(\x0b\x32\x10.cbmir.v1.Vector\x12\x15\n\rpredict_class\x18\r \x01(\x08\x12\x1c\n\x14min_class_confidence\x18\x0e \x01(\x02\x12\x10\n\x08group_by\x18\x0f \x01(\t\x12\x12\n\ngroup_size\x18\x10 \x01(\r\x12\x19\n\x0cmax_distance\x18\x11 \x01(\x02H\x01\x88\x01\x01\x12\x0e\n\x06offset\x18\x12 \x01(\r\x12\x14\n\x0cstudy_images\x18\x13 \x03(\x0c\x12\x0e\n\x06\x66usion\x18\x14 \x01(\t\x12\x0e\n\x06\x65xpand\x18\x15 \x01(\r\x12\x19\n\x0c\x65xpand_alpha\x18\x16 \x01(\x02H\x02\x88\x01\x01\x12\x15\n\rreciprocal_k1\x18\x17 \x01(\rB\x07\n\x05queryB\x0f\n\r_max_distanceB\x0f\n\r_expand_alpha\"\xb9\x01\n\tSearchHit\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03uri\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\x10\n\x08\x64istance\x18\x04 \x01(\x02\x12\x33\n\x08metadata\x18\x05 \x03(\x0b\x32!.cbmir.v1.SearchHit.MetadataEntry\x12\r\n\x05group\x18\x06 \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\">\n\x12SearchBatchRequest\x12(\n\x07queries\x18\x01 \x03(\x0b\x32\x17.cbmir.v1.SearchRequest\"K\n\x11SearchBatchResult\x12\x13\n\x0bquery_index\x18\x01 \x01(\r\x12!\n\x04hits\x18\x02 \x03(\x0b\x32\x13.cbmir.v1.SearchHit\"\x15\n\x13GetIndexInfoRequest\"s\n\nMethodInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\textractor\x18\x02 \x01(\t\x12\x0b\n\x03\x64im\x18\x03 \x01(\r\x12\x0e\n\x06metric\x18\x04 \x01(\t\x12\x12\n\nindex_type\x18\x05 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x06 \x01(\t\"\xef\x02\n\tIndexInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\x12%\n\x07methods\x18\x03 \x03(\x0b\x32\x14.cbmir.v1.MethodInfo\x12\x15\n\rfilter_fields\x18\x04 \x03(\t\x12\x0f\n\x07\x63reated\x18\x05 \x01(\t\x12\x12\n\nbuild_json\x18\x06 \x01(\t\x12\r\n\x05max_k\x18\x07 \x01(\r\x12\x15\n\rcbmir_version\x18\x08 \x01(\t\x12\x16\n\x0e\x64\x65\x66\x61ult_method\x18\t \x01(\t\x12\x11\n\tmax_batch\x18\n \x01(\r\x12\x16\n\x0emax_thumbnails\x18\x0b \x01(\r\x12\x1a\n\x12max_thumbnail_side\x18\x0c \x01(\r\x12\x14\n\x0c\x63\x61pabilities\x18\r \x03(\t\x12\x16\n\x0emax_group_size\x18\x0e \x01(\r\x12\x12\n\nmax_offset\x18\x0f \x01(\r\x12\x18\n\x10max_ingest_items\x18\x10 \x01(\r\"\x0f\n\rReloadRequest\"[\n\x0eReloadResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x18\n\x10previous_version\x18\x02 \x01(\t\x12\x0f\n\x07\x63hanged\x18\x03 \x01(\x08\x12\r\n\x05\x63ount\x18\x04 \x01(\x04\"2\n\x11ThumbnailsRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12\x10\n\x08max_side\x18\x02 \x01(\r\"R\n\tThumbnail\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03png\x18\x02 \x01(\x0c\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"=\n\x12ThumbnailsResponse\x12\'\n\nthumbnails\x18\x01 \x03(\x0b\x32\x13.cbmir.v1.Thumbnail\"\xcd\x01\n\x0f\x41\x64\x64ImageRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x05image\x18\x02 \x01(\x0cH\x00\x12&\n\x06pixels\x18\x03 \x01(\x0b\x32\x14.cbmir.v1.PixelArrayH\x00\x12\x39\n\x08metadata\x18\x04 \x03(\x0b\x32\'.cbmir.v1.AddImageRequest.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\t\n\x07\x63ontent\"7\n\nItemResult\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"Z\n\x11\x41\x64\x64ImagesResponse\x12%\n\x07results\x18\x01 \x03(\x0b\x32\x14.cbmir.v1.ItemResult\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\x04\"6\n\x13RemoveImagesRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12\x12\n\nmissing_ok\x18\x02 \x01(\x08\"G\n\x14RemoveImagesResponse\x12\x0f\n\x07removed\x18\x01 \x03(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\x04\x32\xf4\x03\n\tRetrieval\x12\x38\n\x06Search\x12\x17.cbmir.v1.SearchRequest\x1a\x13.cbmir.v1.SearchHit0\x01\x12J\n\x0bSearchBatch\x12\x1c.cbmir.v1.SearchBatchRequest\x1a\x1b.cbmir.v1.SearchBatchResult0\x01\x12\x42\n\x0cGetIndexInfo\x12\x1d.cbmir.v1.GetIndexInfoRequest\x1a\x13.cbmir.v1.IndexInfo\x12;\n\x06Reload\x12\x17.cbmir.v1.ReloadRequest\x1a\x18.cbmir.v1.ReloadResponse\x12J\n\rGetThumbnails\x12\x1b.cbmir.v1.ThumbnailsRequest\x1a\x1c.cbmir.v1.ThumbnailsResponse\x12\x45\n\tAddImages\x12\x19.cbmir.v1.AddImageRequest\x1a\x1b.cbmir.v1.AddImagesResponse(\x01\x12M\n\x0cRemoveImages\x12\x1d.cbmir.v1.RemoveImagesRequest\x1a\x1e.cbmir.v1.RemoveImagesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63\x62mir/v1/retrieval.proto\x12\x08\x63\x62mir.v1\"H\n\nPixelArray\x12\r\n\x05width\x18\x01 \x01(\r\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\x18\n\x06Vector\x12\x0e\n\x06values\x18\x01 \x03(\x02\"/\n\x0eMetadataFilter\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\t\"\xe9\x04\n\rSearchRequest\x12\x0f\n\x05image\x18\x01 \x01(\x0cH\x00\x12&\n\x06pixels\x18\x02 \x01(\x0b\x32\x14.cbmir.v1.PixelArrayH\x00\x12\x14\n\narchive_id\x18\x03 \x01(\tH\x00\x12\"\n\x06vector\x18\x04 \x01(\x0b\x32\x10.cbmir.v1.VectorH\x00\x12\t\n\x01k\x18\x05 \x01(\r\x12\x0e\n\x06method\x18\x06 \x01(\t\x12\x0e\n\x06rerank\x18\x07 \x01(\t\x12\x0e\n\x06k_prep\x18\x08 \x01(\r\x12)\n\x07\x66ilters\x18\t \x03(\x0b\x32\x18.cbmir.v1.MetadataFilter\x12\x13\n\x0b\x65xclude_ids\x18\n \x03(\t\x12\x14\n\x0cinclude_self\x18\x0b \x01(\x08\x12\'\n\rrerank_vector\x18\x0c \x01(\x0b\x32\x10.cbmir.v1.Vector\x12\x15\n\rpredict_class\x18\r \x01(\x08\x12\x1c\n\x14min_class_confidence\x18\x0e \x01(\x02\x12\x10\n\x08group_by\x18\x0f \x01(\t\x12\x12\n\ngroup_size\x18\x10 \x01(\r\x12\x19\n\x0cmax_distance\x18\x11 \x01(\x02H\x01\x88\x01\x01\x12\x0e\n\x06offset\x18\x12 \x01(\r\x12\x14\n\x0cstudy_images\x18\x13 \x03(\x0c\x12\x0e\n\x06\x66usion\x18\x14 \x01(\t\x12\x0e\n\x06\x65xpand\x18\x15 \x01(\r\x12\x19\n\x0c\x65xpand_alpha\x18\x16 \x01(\x02H\x02\x88\x01\x01\x12\x15\n\rreciprocal_k1\x18\x17 \x01(\r\x12\x12\n\nclass_vote\x18\x18 \x01(\rB\x07\n\x05queryB\x0f\n\r_max_distanceB\x0f\n\r_expand_alpha\"\xb9\x01\n\tSearchHit\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03uri\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\x10\n\x08\x64istance\x18\x04 \x01(\x02\x12\x33\n\x08metadata\x18\x05 \x03(\x0b\x32!.cbmir.v1.SearchHit.MetadataEntry\x12\r\n\x05group\x18\x06 \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\">\n\x12SearchBatchRequest\x12(\n\x07queries\x18\x01 \x03(\x0b\x32\x17.cbmir.v1.SearchRequest\"K\n\x11SearchBatchResult\x12\x13\n\x0bquery_index\x18\x01 \x01(\r\x12!\n\x04hits\x18\x02 \x03(\x0b\x32\x13.cbmir.v1.SearchHit\"\x15\n\x13GetIndexInfoRequest\"s\n\nMethodInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\textractor\x18\x02 \x01(\t\x12\x0b\n\x03\x64im\x18\x03 \x01(\r\x12\x0e\n\x06metric\x18\x04 \x01(\t\x12\x12\n\nindex_type\x18\x05 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x06 \x01(\t\"\xef\x02\n\tIndexInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\x12%\n\x07methods\x18\x03 \x03(\x0b\x32\x14.cbmir.v1.MethodInfo\x12\x15\n\rfilter_fields\x18\x04 \x03(\t\x12\x0f\n\x07\x63reated\x18\x05 \x01(\t\x12\x12\n\nbuild_json\x18\x06 \x01(\t\x12\r\n\x05max_k\x18\x07 \x01(\r\x12\x15\n\rcbmir_version\x18\x08 \x01(\t\x12\x16\n\x0e\x64\x65\x66\x61ult_method\x18\t \x01(\t\x12\x11\n\tmax_batch\x18\n \x01(\r\x12\x16\n\x0emax_thumbnails\x18\x0b \x01(\r\x12\x1a\n\x12max_thumbnail_side\x18\x0c \x01(\r\x12\x14\n\x0c\x63\x61pabilities\x18\r \x03(\t\x12\x16\n\x0emax_group_size\x18\x0e \x01(\r\x12\x12\n\nmax_offset\x18\x0f \x01(\r\x12\x18\n\x10max_ingest_items\x18\x10 \x01(\r\"\x0f\n\rReloadRequest\"[\n\x0eReloadResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x18\n\x10previous_version\x18\x02 \x01(\t\x12\x0f\n\x07\x63hanged\x18\x03 \x01(\x08\x12\r\n\x05\x63ount\x18\x04 \x01(\x04\"2\n\x11ThumbnailsRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12\x10\n\x08max_side\x18\x02 \x01(\r\"R\n\tThumbnail\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03png\x18\x02 \x01(\x0c\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"=\n\x12ThumbnailsResponse\x12\'\n\nthumbnails\x18\x01 \x03(\x0b\x32\x13.cbmir.v1.Thumbnail\"\xcd\x01\n\x0f\x41\x64\x64ImageRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x05image\x18\x02 \x01(\x0cH\x00\x12&\n\x06pixels\x18\x03 \x01(\x0b\x32\x14.cbmir.v1.PixelArrayH\x00\x12\x39\n\x08metadata\x18\x04 \x03(\x0b\x32\'.cbmir.v1.AddImageRequest.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\t\n\x07\x63ontent\"7\n\nItemResult\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"Z\n\x11\x41\x64\x64ImagesResponse\x12%\n\x07results\x18\x01 \x03(\x0b\x32\x14.cbmir.v1.ItemResult\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\x04\"6\n\x13RemoveImagesRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12\x12\n\nmissing_ok\x18\x02 \x01(\x08\"G\n\x14RemoveImagesResponse\x12\x0f\n\x07removed\x18\x01 \x03(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\x04\x32\xf4\x03\n\tRetrieval\x12\x38\n\x06Search\x12\x17.cbmir.v1.SearchRequest\x1a\x13.cbmir.v1.SearchHit0\x01\x12J\n\x0bSearchBatch\x12\x1c.cbmir.v1.SearchBatchRequest\x1a\x1b.cbmir.v1.SearchBatchResult0\x01\x12\x42\n\x0cGetIndexInfo\x12\x1d.cbmir.v1.GetIndexInfoRequest\x1a\x13.cbmir.v1.IndexInfo\x12;\n\x06Reload\x12\x17.cbmir.v1.ReloadRequest\x1a\x18.cbmir.v1.ReloadResponse\x12J\n\rGetThumbnails\x12\x1b.cbmir.v1.ThumbnailsRequest\x1a\x1c.cbmir.v1.ThumbnailsResponse\x12\x45\n\tAddImages\x12\x19.cbmir.v1.AddImageRequest\x1a\x1b.cbmir.v1.AddImagesResponse(\x01\x12M\n\x0cRemoveImages\x12\x1d.cbmir.v1.RemoveImagesRequest\x1a\x1e.cbmir.v1.RemoveImagesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,43 +42,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_METADATAFILTER']._serialized_start=138
   _globals['_METADATAFILTER']._serialized_end=185
   _globals['_SEARCHREQUEST']._serialized_start=188
-  _globals['_SEARCHREQUEST']._serialized_end=785
-  _globals['_SEARCHHIT']._serialized_start=788
-  _globals['_SEARCHHIT']._serialized_end=973
-  _globals['_SEARCHHIT_METADATAENTRY']._serialized_start=926
-  _globals['_SEARCHHIT_METADATAENTRY']._serialized_end=973
-  _globals['_SEARCHBATCHREQUEST']._serialized_start=975
-  _globals['_SEARCHBATCHREQUEST']._serialized_end=1037
-  _globals['_SEARCHBATCHRESULT']._serialized_start=1039
-  _globals['_SEARCHBATCHRESULT']._serialized_end=1114
-  _globals['_GETINDEXINFOREQUEST']._serialized_start=1116
-  _globals['_GETINDEXINFOREQUEST']._serialized_end=1137
-  _globals['_METHODINFO']._serialized_start=1139
-  _globals['_METHODINFO']._serialized_end=1254
-  _globals['_INDEXINFO']._serialized_start=1257
-  _globals['_INDEXINFO']._serialized_end=1624
-  _globals['_RELOADREQUEST']._serialized_start=1626
-  _globals['_RELOADREQUEST']._serialized_end=1641
-  _globals['_RELOADRESPONSE']._serialized_start=1643
-  _globals['_RELOADRESPONSE']._serialized_end=1734
-  _globals['_THUMBNAILSREQUEST']._serialized_start=1736
-  _globals['_THUMBNAILSREQUEST']._serialized_end=1786
-  _globals['_THUMBNAIL']._serialized_start=1788
-  _globals['_THUMBNAIL']._serialized_end=1870
-  _globals['_THUMBNAILSRESPONSE']._serialized_start=1872
-  _globals['_THUMBNAILSRESPONSE']._serialized_end=1933
-  _globals['_ADDIMAGEREQUEST']._serialized_start=1936
-  _globals['_ADDIMAGEREQUEST']._serialized_end=2141
-  _globals['_ADDIMAGEREQUEST_METADATAENTRY']._serialized_start=926
-  _globals['_ADDIMAGEREQUEST_METADATAENTRY']._serialized_end=973
-  _globals['_ITEMRESULT']._serialized_start=2143
-  _globals['_ITEMRESULT']._serialized_end=2198
-  _globals['_ADDIMAGESRESPONSE']._serialized_start=2200
-  _globals['_ADDIMAGESRESPONSE']._serialized_end=2290
-  _globals['_REMOVEIMAGESREQUEST']._serialized_start=2292
-  _globals['_REMOVEIMAGESREQUEST']._serialized_end=2346
-  _globals['_REMOVEIMAGESRESPONSE']._serialized_start=2348
-  _globals['_REMOVEIMAGESRESPONSE']._serialized_end=2419
-  _globals['_RETRIEVAL']._serialized_start=2422
-  _globals['_RETRIEVAL']._serialized_end=2922
+  _globals['_SEARCHREQUEST']._serialized_end=805
+  _globals['_SEARCHHIT']._serialized_start=808
+  _globals['_SEARCHHIT']._serialized_end=993
+  _globals['_SEARCHHIT_METADATAENTRY']._serialized_start=946
+  _globals['_SEARCHHIT_METADATAENTRY']._serialized_end=993
+  _globals['_SEARCHBATCHREQUEST']._serialized_start=995
+  _globals['_SEARCHBATCHREQUEST']._serialized_end=1057
+  _globals['_SEARCHBATCHRESULT']._serialized_start=1059
+  _globals['_SEARCHBATCHRESULT']._serialized_end=1134
+  _globals['_GETINDEXINFOREQUEST']._serialized_start=1136
+  _globals['_GETINDEXINFOREQUEST']._serialized_end=1157
+  _globals['_METHODINFO']._serialized_start=1159
+  _globals['_METHODINFO']._serialized_end=1274
+  _globals['_INDEXINFO']._serialized_start=1277
+  _globals['_INDEXINFO']._serialized_end=1644
+  _globals['_RELOADREQUEST']._serialized_start=1646
+  _globals['_RELOADREQUEST']._serialized_end=1661
+  _globals['_RELOADRESPONSE']._serialized_start=1663
+  _globals['_RELOADRESPONSE']._serialized_end=1754
+  _globals['_THUMBNAILSREQUEST']._serialized_start=1756
+  _globals['_THUMBNAILSREQUEST']._serialized_end=1806
+  _globals['_THUMBNAIL']._serialized_start=1808
+  _globals['_THUMBNAIL']._serialized_end=1890
+  _globals['_THUMBNAILSRESPONSE']._serialized_start=1892
+  _globals['_THUMBNAILSRESPONSE']._serialized_end=1953
+  _globals['_ADDIMAGEREQUEST']._serialized_start=1956
+  _globals['_ADDIMAGEREQUEST']._serialized_end=2161
+  _globals['_ADDIMAGEREQUEST_METADATAENTRY']._serialized_start=946
+  _globals['_ADDIMAGEREQUEST_METADATAENTRY']._serialized_end=993
+  _globals['_ITEMRESULT']._serialized_start=2163
+  _globals['_ITEMRESULT']._serialized_end=2218
+  _globals['_ADDIMAGESRESPONSE']._serialized_start=2220
+  _globals['_ADDIMAGESRESPONSE']._serialized_end=2310
+  _globals['_REMOVEIMAGESREQUEST']._serialized_start=2312
+  _globals['_REMOVEIMAGESREQUEST']._serialized_end=2366
+  _globals['_REMOVEIMAGESRESPONSE']._serialized_start=2368
+  _globals['_REMOVEIMAGESRESPONSE']._serialized_end=2439
+  _globals['_RETRIEVAL']._serialized_start=2442
+  _globals['_RETRIEVAL']._serialized_end=2942
 # @@protoc_insertion_point(module_scope)

@@ -123,6 +123,7 @@ class SearchRequest(_message.Message):
     EXPAND_FIELD_NUMBER: _builtins.int
     EXPAND_ALPHA_FIELD_NUMBER: _builtins.int
     RECIPROCAL_K1_FIELD_NUMBER: _builtins.int
+    CLASS_VOTE_FIELD_NUMBER: _builtins.int
     image: _builtins.bytes
     """PNG, JPEG or DICOM file bytes, detected from content"""
     archive_id: _builtins.str
@@ -168,6 +169,11 @@ class SearchRequest(_message.Message):
     """
     reciprocal_k1: _builtins.int
     """k-reciprocal re-ranking of the top max(k, k_prep, k1) candidates with"""
+    class_vote: _builtins.int
+    """neighbour sets of k1 (0: off, 2..100); not together with `rerank`;
+    hit distances are then the blended re-ranking distances
+    predict_class: predict from the mean of the head's probabilities and
+    """
     @_builtins.property
     def pixels(self) -> Global___PixelArray:
         """a decoded grayscale image"""
@@ -218,10 +224,11 @@ class SearchRequest(_message.Message):
         expand: _builtins.int = ...,
         expand_alpha: _builtins.float | None = ...,
         reciprocal_k1: _builtins.int = ...,
+        class_vote: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_expand_alpha", b"_expand_alpha", "_max_distance", b"_max_distance", "archive_id", b"archive_id", "expand_alpha", b"expand_alpha", "image", b"image", "max_distance", b"max_distance", "pixels", b"pixels", "query", b"query", "rerank_vector", b"rerank_vector", "vector", b"vector"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expand_alpha", b"_expand_alpha", "_max_distance", b"_max_distance", "archive_id", b"archive_id", "exclude_ids", b"exclude_ids", "expand", b"expand", "expand_alpha", b"expand_alpha", "filters", b"filters", "fusion", b"fusion", "group_by", b"group_by", "group_size", b"group_size", "image", b"image", "include_self", b"include_self", "k", b"k", "k_prep", b"k_prep", "max_distance", b"max_distance", "method", b"method", "min_class_confidence", b"min_class_confidence", "offset", b"offset", "pixels", b"pixels", "predict_class", b"predict_class", "query", b"query", "reciprocal_k1", b"reciprocal_k1", "rerank", b"rerank", "rerank_vector", b"rerank_vector", "study_images", b"study_images", "vector", b"vector"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expand_alpha", b"_expand_alpha", "_max_distance", b"_max_distance", "archive_id", b"archive_id", "class_vote", b"class_vote", "exclude_ids", b"exclude_ids", "expand", b"expand", "expand_alpha", b"expand_alpha", "filters", b"filters", "fusion", b"fusion", "group_by", b"group_by", "group_size", b"group_size", "image", b"image", "include_self", b"include_self", "k", b"k", "k_prep", b"k_prep", "max_distance", b"max_distance", "method", b"method", "min_class_confidence", b"min_class_confidence", "offset", b"offset", "pixels", b"pixels", "predict_class", b"predict_class", "query", b"query", "reciprocal_k1", b"reciprocal_k1", "rerank", b"rerank", "rerank_vector", b"rerank_vector", "study_images", b"study_images", "vector", b"vector"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__expand_alpha: _TypeAlias = _typing.Literal["expand_alpha"]  # noqa: Y015
     _WhichOneofArgType__expand_alpha: _TypeAlias = _typing.Literal["_expand_alpha", b"_expand_alpha"]  # noqa: Y015
