@@ -150,6 +150,7 @@ def cross_validate(
     rows = {spec: np.full((n, K), -1, np.int64) for spec in methods}
     fold_info: list[dict[str, Any]] = []
     extra: dict[str, Any] = {"classpred_routed": 0, "classpred_correct": 0, "head_correct": 0}
+    search_s = dict.fromkeys(methods, 0.0)
     routing_counted = next((spec for spec in methods if parse_method(spec).method == "classpred"), None)
     speed: dict[str, list[float]] = {"flat_ms": [], "hashing_ms": []}
     for fold in range(folds):
@@ -228,6 +229,7 @@ def cross_validate(
             method, rerank = parsed.method, parsed.rerank
             queries = bundle.methods[method].descriptors[test]
             rerank_q = bundle.methods[rerank].descriptors[test] if rerank else None
+            t0 = time.perf_counter()
             if method == "classpred" and ft is not None:
                 probs = ft.class_probabilities(raw[test])
                 result_rows, predicted = engine.search_predicted_class(
@@ -261,6 +263,7 @@ def cross_validate(
                     k_prep=k_prep,
                     **parsed.search_options(),
                 ).rows
+            search_s[spec] += time.perf_counter() - t0
         fold_info.append(info)
         log.info("fold %d/%d done: %s", fold + 1, folds, info)
 
@@ -270,7 +273,9 @@ def cross_validate(
             scores = score_rankings(rows[spec], data.metadata, data.metadata, excluded, rel_spec)
             results.append({"method": spec, "relevance": rel_spec, **scores})
             log.info("%s / %s: seed mAP %.4f", spec, rel_spec, scores["seed_mAP"])
-    summary: dict[str, Any] = {}
+    summary: dict[str, Any] = {
+        "search_ms_per_query": {spec: round(1000 * seconds / n, 4) for spec, seconds in search_s.items()}
+    }
     if "classpred" in needed:
         summary["classpred_routed_fraction"] = round(extra["classpred_routed"] / n, 4)
         summary["classpred_routed_accuracy"] = round(extra["classpred_correct"] / max(1, extra["classpred_routed"]), 4)

@@ -107,6 +107,7 @@ def build_table(cfg: dict) -> str:
 CV_DATASETS = (
     ("unifesp-cv.json", ("label",)),
     ("unifesp-cv-qe.json", ("label",)),
+    ("unifesp-cv-ssl-8epochs.json", ("label",)),
     ("unifesp-cv-ssl.json", ("label",)),
     ("unifesp-cv-ssl-siteshift.json", ("label",)),
     ("mednist-cv.json", ("body_region", "modality", "label")),
@@ -144,7 +145,12 @@ def cv_table(path: Path, relevances: tuple[str, ...]) -> str:
             f"| {f.get('best_epoch', '')} | {f.get('best_val_mAP', '')} | {f.get('train_s', '')} |"
         )
     if doc.get("summary"):
-        lines += ["", "Summary: " + ", ".join(f"{k} {v}" for k, v in doc["summary"].items())]
+        flat = [
+            f"{k} {inner} {v2}" if isinstance(v, dict) else f"{k} {v}"
+            for k, v in doc["summary"].items()
+            for inner, v2 in (v.items() if isinstance(v, dict) else [(None, None)])
+        ]
+        lines += ["", "Summary: " + ", ".join(flat)]
     return "\n".join(lines) + "\n"
 
 

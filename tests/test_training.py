@@ -215,6 +215,8 @@ def test_cross_validation_queries_every_image_once_without_its_patient(unifesp_s
     assert all(r["queries"] == len(data) for r in doc["results"])
     assert [f["queries"] for f in doc["folds"]] and sum(f["queries"] for f in doc["folds"]) == len(data)
     assert 0.0 <= doc["summary"]["classpred_routed_fraction"] <= 1.0
+    timed = doc["summary"]["search_ms_per_query"]
+    assert set(timed) == {r["method"] for r in doc["results"]} and all(v > 0 for v in timed.values())
     labels = np.asarray(data.column("label"))
     for r in doc["results"]:  # each figure is exactly the seed mAP of the rankings it reports
         rows = doc["rankings"][r["method"]]
