@@ -364,8 +364,20 @@ def _add_train_flags(p: Any, *, skip: tuple[str, ...] = ()) -> None:
     add_options(p, TrainConfig, skip=("device", *skip))
 
 
+def _print_site_shift(shift: dict[str, Any]) -> None:
+    print(f"\nsite shift ({'+'.join(shift['shifts'])}, {shift['queries']} queries, seed {shift['seed']}):")
+    print("| method | relevance | P@1 | P@1 shifted | P@10 | P@10 shifted |")
+    print("|---|---|---|---|---|---|")
+    for r in shift["results"]:
+        u, s = r["unshifted"], r["shifted"]
+        print(
+            f"| {r['method']} | {r['relevance']} | {u['P@1']:.4f} | {s['P@1']:.4f} | {u['P@10']:.4f} | {s['P@10']:.4f} |"
+        )
+
+
 def cmd_cross_validate(args: argparse.Namespace) -> int:
     from cbmir.evaluation.cross_validation import cross_validate
+    from cbmir.training.reexport import parse_shifts
 
     archive, data = _labelled_images(args)
     t0 = time.perf_counter()
@@ -385,6 +397,8 @@ def cmd_cross_validate(args: argparse.Namespace) -> int:
         runtime="auto" if args.runtime == "bundle" else args.runtime,
         precision=args.precision or "fp32",
         progress=not args.no_progress,
+        shifts=parse_shifts(args.shift) if args.shift else (),
+        shift_seed=args.shift_seed,
     )
     doc["config"].update(
         archive=archive.source, total_s=round(time.perf_counter() - t0, 1), command=" ".join(["cbmir", *sys.argv[1:]])
@@ -396,6 +410,8 @@ def cmd_cross_validate(args: argparse.Namespace) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(doc, indent=2))
     print(_markdown_table(doc["results"]))
+    if "site_shift" in doc:
+        _print_site_shift(doc["site_shift"])
     print(json.dumps(doc["summary"]))
     return 0
 
@@ -461,15 +477,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps(doc, indent=2))
     print(_markdown_table(doc["results"]))
     if "site_shift" in doc:
-        shift = doc["site_shift"]
-        print(f"\nsite shift ({'+'.join(shift['shifts'])}, {shift['queries']} queries, seed {shift['seed']}):")
-        print("| method | relevance | P@1 | P@1 shifted | P@10 | P@10 shifted |")
-        print("|---|---|---|---|---|---|")
-        for r in shift["results"]:
-            u, s = r["unshifted"], r["shifted"]
-            print(
-                f"| {r['method']} | {r['relevance']} | {u['P@1']:.4f} | {s['P@1']:.4f} | {u['P@10']:.4f} | {s['P@10']:.4f} |"
-            )
+        _print_site_shift(doc["site_shift"])
     for study in doc.get("studies", []):
         figures = ", ".join(f"{name} {value:.4f}" for name, value in study["seed_mAP"].items())
         print(f"study queries ({study['method']}, {study['studies']} studies by {study['study_field']}): {figures}")
@@ -803,9 +811,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", help="write the result document here")
     e.add_argument(
         "--shift",
-        help="also query with re-exported archive images: windows,gamma,jpeg,resize,noise (any of them) or all",
+        help="also query with re-exported archive images: windows,gamma,jpeg,resize,noise (any of them) or all; "
+        "with --cv-folds every held-out image, described by its fold's models",
     )
-    e.add_argument("--shift-queries", type=_positive_int, default=500, help="archive images re-exported as queries")
+    e.add_argument(
+        "--shift-queries",
+        type=_positive_int,
+        default=500,
+        help="archive images re-exported as queries (not --cv-folds)",
+    )
     e.add_argument("--shift-seed", type=int, default=0, help="seed of the re-export parameters and the sample")
     _add_runtime(e, indexed=True)
     e.add_argument(

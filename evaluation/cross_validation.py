@@ -18,7 +18,7 @@ import logging
 import platform
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from cbmir.index_build.records import Records
 from cbmir.server.search_engine import SearchEngine
 from cbmir.training import TrainConfig
 from cbmir.training.dataset import LabelledImages, balanced_subsample
+from cbmir.training.reexport import shift_image
 from cbmir.training.splits import group_codes, group_kfold
 from cbmir.training.trainer import save_checkpoint, train_extractor
 
@@ -86,6 +87,45 @@ def _search_ms(index: Any, queries: np.ndarray, repeats: int = 3) -> float:
     return float(np.median(times))
 
 
+def _rank(
+    engine: SearchEngine,
+    spec: str,
+    queries: Mapping[str, np.ndarray],
+    probabilities: np.ndarray | None,
+    exclude: Sequence[np.ndarray],
+    *,
+    k_prep: int,
+    min_confidence: float,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """(Q, K) archive rows of one ranking, and the predicted class per query for class-predicted search.
+
+    Args:
+        queries: (Q, D) query descriptors per method name the ranking needs.
+        probabilities: (Q, C) head probabilities; given, ``classpred`` searches within the predicted class.
+    """
+    parsed = parse_method(spec)
+    method, rerank = parsed.method, parsed.rerank
+    options: dict[str, Any] = {
+        "exclude": exclude,
+        "rerank": rerank,
+        "rerank_queries": queries[rerank] if rerank else None,
+        "k_prep": k_prep,
+        **parsed.search_options(),
+    }
+    if method == "classpred" and probabilities is not None:
+        result, predicted = engine.search_predicted_class(
+            method,
+            queries[method],
+            probabilities,
+            K,
+            min_confidence=min_confidence,
+            **options,
+            **parsed.class_options(),
+        )
+        return result.rows, predicted
+    return engine.search(method, queries[method], K, **options).rows, None
+
+
 def cross_validate(
     data: LabelledImages,
     *,
@@ -109,13 +149,19 @@ def cross_validate(
     precision: str = "fp32",
     progress: bool = True,
     keep_rankings: bool = False,
+    shifts: Sequence[str] = (),
+    shift_seed: int = 0,
 ) -> dict[str, Any]:
     """Run the protocol; returns the JSON-ready document (per-method scores, per-fold training, timings).
 
-    With ``keep_rankings`` the document also holds ``rankings``: method -> (N, K) archive rows per query.
+    With ``keep_rankings`` the document also holds ``rankings`` (and ``shifted_rankings``): method -> (N, K)
+    archive rows per query.
     ``train_max_images`` > 0 fine-tunes each fold on a class-balanced subsample of its training images (large
     archives on a CPU). ``runtime`` and ``precision`` describe images with every cnn (pretrained, fine-tuned,
-    multi-scale); int8 is calibrated on each fold's training images.
+    multi-scale); int8 is calibrated on each fold's training images. ``shifts`` (names of
+    :data:`cbmir.training.reexport.SHIFTS`) also queries every image re-exported with those changes (drawn from
+    ``shift_seed``), described by its fold's own models, against the unshifted archive: the document's ``site_shift``
+    holds each ranking's P@1, P@10 and seed mAP unshifted and shifted, patient-disjoint like the rest.
     """
     train_config = train_config or TrainConfig(device=device)
     labels = data.column(label_field)
@@ -132,7 +178,12 @@ def cross_validate(
     if unknown:
         raise InvalidInputError(f"unknown cross-validation method(s) {sorted(unknown)}; use {FIXED + LEARNED}")
 
+    shifted_images = []
+    if shifts:
+        shift_rng = np.random.default_rng(shift_seed)
+        shifted_images = [shift_image(image, shifts, shift_rng) for image in data.images]
     fixed: dict[str, MethodIndex] = {}
+    fixed_shifted: dict[str, np.ndarray] = {}
     timings: dict[str, float] = {}
     for name in sorted(needed & set(FIXED)):
         t0 = time.perf_counter()
@@ -144,10 +195,13 @@ def cross_validate(
             sample = np.random.default_rng(seed).choice(n, min(n, 5000), replace=False)
             extractor.fit([data.images[i] for i in sample])
         fixed[name] = _method_index(name, name, _describe(extractor, data.images), extractor.metric)
+        if shifts:
+            fixed_shifted[name] = _describe(extractor, shifted_images)
         timings[f"describe_{name}_s"] = round(time.perf_counter() - t0, 1)
         log.info("described %d images with %s in %.1f s", n, name, timings[f"describe_{name}_s"])
 
     rows = {spec: np.full((n, K), -1, np.int64) for spec in methods}
+    shifted_rows = {spec: np.full((n, K), -1, np.int64) for spec in methods} if shifts else {}
     fold_info: list[dict[str, Any]] = []
     extra: dict[str, Any] = {"classpred_routed": 0, "classpred_correct": 0, "head_correct": 0}
     search_s = dict.fromkeys(methods, 0.0)
@@ -224,46 +278,42 @@ def cross_validate(
         bundle = Bundle(Path(f"cv-fold-{fold}"), {}, records, {**fixed, **learned})
         engine = SearchEngine(bundle, device=device, extractors={"classpred": ft} if ft is not None else None)
         fold_excluded = [excluded[i] for i in test]
+        queries = {name: index.descriptors[test] for name, index in bundle.methods.items()}
+        head = ft.class_probabilities(raw[test]) if ft is not None else None
         for spec in methods:
-            parsed = parse_method(spec)
-            method, rerank = parsed.method, parsed.rerank
-            queries = bundle.methods[method].descriptors[test]
-            rerank_q = bundle.methods[rerank].descriptors[test] if rerank else None
             t0 = time.perf_counter()
-            if method == "classpred" and ft is not None:
-                probs = ft.class_probabilities(raw[test])
-                result_rows, predicted = engine.search_predicted_class(
-                    method,
-                    queries,
-                    probs,
-                    K,
-                    min_confidence=min_confidence,
-                    exclude=fold_excluded,
-                    rerank=rerank,
-                    rerank_queries=rerank_q,
-                    k_prep=k_prep,
-                    **parsed.search_options(),
-                    **parsed.class_options(),
-                )
-                if spec == routing_counted:
-                    routed = predicted >= 0
-                    extra["classpred_routed"] += int(routed.sum())
-                    extra["classpred_correct"] += int(
-                        (np.asarray(ft.classes)[predicted[routed]] == np.asarray(labels)[test][routed]).sum()
-                    )
-                rows[spec][test] = result_rows.rows
-            else:
-                rows[spec][test] = engine.search(
-                    method,
-                    queries,
-                    K,
-                    exclude=fold_excluded,
-                    rerank=rerank,
-                    rerank_queries=rerank_q,
-                    k_prep=k_prep,
-                    **parsed.search_options(),
-                ).rows
+            rows[spec][test], predicted = _rank(
+                engine, spec, queries, head, fold_excluded, k_prep=k_prep, min_confidence=min_confidence
+            )
             search_s[spec] += time.perf_counter() - t0
+            if spec == routing_counted and predicted is not None and ft is not None:
+                routed = predicted >= 0
+                extra["classpred_routed"] += int(routed.sum())
+                extra["classpred_correct"] += int(
+                    (np.asarray(ft.classes)[predicted[routed]] == np.asarray(labels)[test][routed]).sum()
+                )
+        if shifts:
+            moved = [shifted_images[i] for i in test]
+            shifted_queries = {name: vectors[test] for name, vectors in fixed_shifted.items()}
+            shifted_head = None
+            if ft is not None:
+                moved_raw = np.concatenate([ft.extract(moved[s : s + 256]) for s in range(0, len(moved), 256)])
+                shifted_head = ft.class_probabilities(moved_raw)
+                moved_descriptors = ft.transform(moved_raw)
+                for name in set(learned) - {"multiscale"}:
+                    shifted_queries[name] = moved_descriptors
+                if "multiscale" in learned:
+                    shifted_queries["multiscale"] = _describe(ms, moved)
+            for spec in methods:
+                shifted_rows[spec][test], _ = _rank(
+                    engine,
+                    spec,
+                    shifted_queries,
+                    shifted_head,
+                    fold_excluded,
+                    k_prep=k_prep,
+                    min_confidence=min_confidence,
+                )
         fold_info.append(info)
         log.info("fold %d/%d done: %s", fold + 1, folds, info)
 
@@ -310,6 +360,35 @@ def cross_validate(
             "torch_threads": torch.get_num_threads(),
         },
     }
+    if shifts:
+        doc["site_shift"] = {
+            "shifts": list(shifts),
+            "seed": shift_seed,
+            "queries": n,
+            "exclude_same": group_field,
+            "results": [],
+        }
+        for spec in methods:
+            for rel_spec in relevance:
+                row: dict[str, Any] = {"method": spec, "relevance": rel_spec}
+                for kind, ranked in (("unshifted", rows[spec]), ("shifted", shifted_rows[spec])):
+                    scores = score_rankings(ranked, data.metadata, data.metadata, excluded, rel_spec)
+                    row[kind] = {
+                        "P@1": scores["mP@k"][0],
+                        "P@10": scores["mP@k"][K - 1],
+                        "seed_mAP": scores["seed_mAP"],
+                    }
+                row["P@1_drop"] = round(row["unshifted"]["P@1"] - row["shifted"]["P@1"], 6)
+                doc["site_shift"]["results"].append(row)
+                log.info(
+                    "%s / %s under shift: P@1 %.4f -> %.4f",
+                    spec,
+                    rel_spec,
+                    row["unshifted"]["P@1"],
+                    row["shifted"]["P@1"],
+                )
     if keep_rankings:
         doc["rankings"] = rows
+        if shifts:
+            doc["shifted_rankings"] = shifted_rows
     return doc

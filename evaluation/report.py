@@ -172,6 +172,8 @@ def shift_table(path: Path) -> str:
     weights = sorted(
         {str(m.get("config", {}).get("weights")) for m in methods.values() if "weights" in m.get("config", {})}
     )
+    if "training" in doc.get("config", {}):
+        weights.append(f"fine-tuned per fold from {doc['config']['training']['weights']}")
     lines += [
         "",
         f"Changes: {'+'.join(shift['shifts'])}; {shift['queries']} queries, seed {shift['seed']}, own "
@@ -201,6 +203,8 @@ def main(argv: list[str] | None = None) -> None:
         if path.exists():
             print(f"## {name.removesuffix('.json')} (group k-fold cross-validation, fine-tuned methods)\n")
             print(cv_table(path, rels))
+            if "site_shift" in json.loads(path.read_text()):
+                print(shift_table(path))
     for path in sorted(results.glob("shift-*.json")):
         print(f"## {path.stem} (site shift)\n")
         print(shift_table(path))

@@ -206,11 +206,17 @@ def test_cross_validation_queries_every_image_once_without_its_patient(unifesp_s
         device="cpu",
         progress=False,
         keep_rankings=True,
+        shifts=("resize", "noise"),
     )
     patients = np.asarray(data.column("patient_id"))
-    for method, rows in doc["rankings"].items():
+    for method, rows in [*doc["rankings"].items(), *doc["shifted_rankings"].items()]:
         assert (rows >= 0).all(), method
         assert not (patients[rows] == patients[:, None]).any(), method
+    assert any((doc["shifted_rankings"][m] != doc["rankings"][m]).any() for m in doc["rankings"])
+    unshifted_p1 = {r["method"]: r["mP@k"][0] for r in doc["results"]}
+    for r in doc["site_shift"]["results"]:
+        assert r["unshifted"]["P@1"] == unshifted_p1[r["method"]], r["method"]
+        assert 0.0 <= r["shifted"]["P@1"] <= 1.0
     assert {r["method"] for r in doc["results"]} == {"hog", "finetuned", "classpred", "classpred:vote5", "hashing"}
     assert all(r["queries"] == len(data) for r in doc["results"])
     assert [f["queries"] for f in doc["folds"]] and sum(f["queries"] for f in doc["folds"]) == len(data)
