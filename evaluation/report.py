@@ -110,6 +110,8 @@ CV_DATASETS = (
     ("unifesp-cv-ssl-8epochs.json", ("label",)),
     ("unifesp-cv-ssl.json", ("label",)),
     ("unifesp-cv-ssl-siteshift.json", ("label",)),
+    ("unifesp-cv-ssl-shift.json", ("label",)),
+    ("unifesp-cv-ssl-siteshift-shift.json", ("label",)),
     ("mednist-cv.json", ("body_region", "modality", "label")),
 )
 
