@@ -41,6 +41,7 @@ from cbmir.training.splits import group_codes, group_kfold
 from cbmir.training.trainer import save_checkpoint, train_extractor
 
 from .protocols import K, parse_method, score_rankings
+from .site_shift import shift_scores
 
 log = logging.getLogger("cbmir.cv")
 
@@ -369,23 +370,10 @@ def cross_validate(
             "results": [],
         }
         for spec in methods:
+            ranked = {"unshifted": rows[spec], "shifted": shifted_rows[spec]}
             for rel_spec in relevance:
-                row: dict[str, Any] = {"method": spec, "relevance": rel_spec}
-                for kind, ranked in (("unshifted", rows[spec]), ("shifted", shifted_rows[spec])):
-                    scores = score_rankings(ranked, data.metadata, data.metadata, excluded, rel_spec)
-                    row[kind] = {
-                        "P@1": scores["mP@k"][0],
-                        "P@10": scores["mP@k"][K - 1],
-                        "seed_mAP": scores["seed_mAP"],
-                    }
-                row["P@1_drop"] = round(row["unshifted"]["P@1"] - row["shifted"]["P@1"], 6)
-                doc["site_shift"]["results"].append(row)
-                log.info(
-                    "%s / %s under shift: P@1 %.4f -> %.4f",
-                    spec,
-                    rel_spec,
-                    row["unshifted"]["P@1"],
-                    row["shifted"]["P@1"],
+                doc["site_shift"]["results"].append(
+                    shift_scores(spec, rel_spec, ranked, data.metadata, data.metadata, excluded)
                 )
     if keep_rankings:
         doc["rankings"] = rows

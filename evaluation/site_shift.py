@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -27,6 +27,26 @@ from cbmir.training.reexport import shift_image
 from .protocols import K, parse_method, score_rankings
 
 log = logging.getLogger("cbmir.eval")
+
+
+def shift_scores(
+    spec: str,
+    rel_spec: str,
+    ranked: Mapping[str, np.ndarray],
+    archive_meta: dict[str, list[str]],
+    query_meta: dict[str, list[str]],
+    excluded: Sequence[np.ndarray],
+) -> dict[str, Any]:
+    """P@1, P@10 and seed mAP of the ``unshifted`` and ``shifted`` (Q, K) rankings of one method, and the P@1 drop."""
+    row: dict[str, Any] = {"method": spec, "relevance": rel_spec}
+    for kind, found in ranked.items():
+        scores = score_rankings(found, archive_meta, query_meta, excluded, rel_spec)
+        row[kind] = {"P@1": scores["mP@k"][0], "P@10": scores["mP@k"][K - 1], "seed_mAP": scores["seed_mAP"]}
+    row["P@1_drop"] = round(row["unshifted"]["P@1"] - row["shifted"]["P@1"], 6)
+    log.info(
+        "%s / %s: P@1 %.4f unshifted, %.4f shifted", spec, rel_spec, row["unshifted"]["P@1"], row["shifted"]["P@1"]
+    )
+    return row
 
 
 def evaluate_site_shift(
@@ -78,7 +98,6 @@ def evaluate_site_shift(
     for spec in methods:
         parsed = parse_method(spec)
         method, rerank = parsed.method, parsed.rerank
-        entry: dict[str, Any] = {"method": spec}
         ranked = {}
         for kind in ("unshifted", "shifted"):
             result = engine.search(
@@ -93,24 +112,7 @@ def evaluate_site_shift(
             )
             ranked[kind] = result.rows
         for rel_spec in relevance:
-            row = dict(entry, relevance=rel_spec)
-            for kind, found in ranked.items():
-                scores = score_rankings(found, bundle.metadata, query_meta, excluded, rel_spec)
-                row[kind] = {
-                    "P@1": scores["mP@k"][0],
-                    "P@10": scores["mP@k"][K - 1],
-                    "seed_mAP": scores["seed_mAP"],
-                }
-            row["P@1_drop"] = round(row["unshifted"]["P@1"] - row["shifted"]["P@1"], 6)
-            results.append(row)
-            log.info(
-                "%s / %s: P@1 %.4f unshifted, %.4f under %s",
-                spec,
-                rel_spec,
-                row["unshifted"]["P@1"],
-                row["shifted"]["P@1"],
-                "+".join(shifts),
-            )
+            results.append(shift_scores(spec, rel_spec, ranked, bundle.metadata, query_meta, excluded))
     return {
         "shifts": list(shifts),
         "seed": seed,
