@@ -67,8 +67,14 @@ def _method_index(
     )
 
 
-def _describe(extractor: Any, images: Sequence[np.ndarray], batch: int = 256) -> np.ndarray:
-    raw = np.concatenate([extractor.extract(images[s : s + batch]) for s in range(0, len(images), batch)])
+def _extract(extractor: Any, images: Sequence[np.ndarray], batch: int = 256) -> np.ndarray:
+    """(N, D_raw) raw descriptors, extracted in batches."""
+    return np.concatenate([extractor.extract(images[s : s + batch]) for s in range(0, len(images), batch)])
+
+
+def _describe(extractor: Any, images: Sequence[np.ndarray]) -> np.ndarray:
+    """(N, D) descriptors of the archive's images; archive-wide statistics (IDF, PCA) are fitted on them."""
+    raw = _extract(extractor, images)
     extractor.fit_archive(raw)
     return extractor.transform(raw)
 
@@ -197,7 +203,7 @@ def cross_validate(
             extractor.fit([data.images[i] for i in sample])
         fixed[name] = _method_index(name, name, _describe(extractor, data.images), extractor.metric)
         if shifts:
-            fixed_shifted[name] = _describe(extractor, shifted_images)
+            fixed_shifted[name] = extractor.transform(_extract(extractor, shifted_images))
         timings[f"describe_{name}_s"] = round(time.perf_counter() - t0, 1)
         log.info("described %d images with %s in %.1f s", n, name, timings[f"describe_{name}_s"])
 
@@ -216,6 +222,7 @@ def cross_validate(
         learned: dict[str, MethodIndex] = {}
         info: dict[str, Any] = {"fold": fold, "queries": int(len(test)), "train_images": int(len(train))}
         ft: CNNExtractor | None = None
+        head: np.ndarray | None = None
         if needed & set(LEARNED):
             cfg_fold = TrainConfig(**{**asdict(train_config), "seed": train_config.seed + fold})
             result = train_extractor(
@@ -237,16 +244,14 @@ def cross_validate(
                 epochs_run=len(result.history),
             )
             t0 = time.perf_counter()
-            raw = np.concatenate([ft.extract(data.images[s : s + 256]) for s in range(0, n, 256)])
+            raw = _extract(ft, data.images)
             descriptors = ft.transform(raw)
             info["describe_s"] = round(time.perf_counter() - t0, 1)
             learned["finetuned"] = _method_index("finetuned", "cnn", descriptors, "l2")
+            head = ft.class_probabilities(raw[test])
             if "classpred" in needed:
                 learned["classpred"] = learned["finetuned"]
-                probs = ft.class_probabilities(raw[test])
-                extra["head_correct"] += int(
-                    (np.asarray(ft.classes)[probs.argmax(1)] == np.asarray(labels)[test]).sum()
-                )
+                extra["head_correct"] += int((np.asarray(ft.classes)[head.argmax(1)] == np.asarray(labels)[test]).sum())
             if "hashing" in needed:
                 t0 = time.perf_counter()
                 learned["hashing"] = _method_index(
@@ -280,7 +285,6 @@ def cross_validate(
         engine = SearchEngine(bundle, device=device, extractors={"classpred": ft} if ft is not None else None)
         fold_excluded = [excluded[i] for i in test]
         queries = {name: index.descriptors[test] for name, index in bundle.methods.items()}
-        head = ft.class_probabilities(raw[test]) if ft is not None else None
         for spec in methods:
             t0 = time.perf_counter()
             rows[spec][test], predicted = _rank(
@@ -298,13 +302,13 @@ def cross_validate(
             shifted_queries = {name: vectors[test] for name, vectors in fixed_shifted.items()}
             shifted_head = None
             if ft is not None:
-                moved_raw = np.concatenate([ft.extract(moved[s : s + 256]) for s in range(0, len(moved), 256)])
+                moved_raw = _extract(ft, moved)
                 shifted_head = ft.class_probabilities(moved_raw)
                 moved_descriptors = ft.transform(moved_raw)
                 for name in set(learned) - {"multiscale"}:
                     shifted_queries[name] = moved_descriptors
                 if "multiscale" in learned:
-                    shifted_queries["multiscale"] = _describe(ms, moved)
+                    shifted_queries["multiscale"] = ms.transform(_extract(ms, moved))
             for spec in methods:
                 shifted_rows[spec][test], _ = _rank(
                     engine,
