@@ -3,8 +3,8 @@
 The gallery stays as indexed; a sample of archive images is read back from the archive, re-exported with random
 but realistic changes, described by the bundle's own extractors and searched (never retrieving itself or, with
 ``exclude_same``, its own patient). The same sample is also searched unshifted, so each method's P@k under shift
-stands beside its own unshifted figure. The changes and why their ranges are realistic: :mod:`cbmir.training.reexport`
-(training augments with the same family).
+stands beside its own unshifted figure. CT stored as DICOM is re-windowed from its Hounsfield units. The changes
+and why their ranges are realistic: :mod:`cbmir.training.reexport` (training augments with the same family).
 
 Each query draws every listed change with its own random parameters from ``seed``, so runs are reproducible.
 """
@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import logging
 import time
+import zipfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from cbmir.errors import InvalidInputError
-from cbmir.index_build.archive import read_archived_image
+from cbmir.extractors.imaging import NO_WINDOWS, DicomWindows, dicom_hounsfield, is_dicom
+from cbmir.index_build.archive import decode_archived_bytes, read_archived_bytes, read_archived_image
 from cbmir.index_build.bundle import Bundle
 from cbmir.server.search_engine import SearchEngine
 from cbmir.training.reexport import shift_image
@@ -27,6 +29,19 @@ from cbmir.training.reexport import shift_image
 from .protocols import K, parse_method, score_rankings
 
 log = logging.getLogger("cbmir.eval")
+
+
+def read_query_image(uri: str, windows: DicomWindows = NO_WINDOWS) -> tuple[np.ndarray, np.ndarray | None]:
+    """An archived image as the archive shows it, (H, W) in [0, 1], and its CT values in HU when it is a CT DICOM
+    file (``None`` otherwise), so that the ``windows`` change re-windows CT from its Hounsfield units."""
+    if not uri.startswith(("file://", "zip://")):
+        return read_archived_image(uri, windows), None
+    try:
+        data = read_archived_bytes(uri)
+    except (OSError, KeyError, zipfile.BadZipFile) as exc:
+        raise InvalidInputError(f"{uri}: cannot read the archived image ({type(exc).__name__}: {exc})") from exc
+    image = decode_archived_bytes(data, uri, windows)[0]
+    return image, dicom_hounsfield(data, source=uri) if is_dicom(data) else None
 
 
 def shift_scores(
@@ -71,17 +86,20 @@ def evaluate_site_shift(
     engine = SearchEngine(bundle, device=device, runtime=runtime, precision=precision)
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(len(bundle), size=min(queries, len(bundle)), replace=False))
-    images, kept = [], []
+    images, hounsfield, kept = [], [], []
     for r in rows:
         try:
-            images.append(read_archived_image(bundle.uris[r], bundle.dicom_windows))
-            kept.append(int(r))
+            image, values = read_query_image(bundle.uris[r], bundle.dicom_windows)
         except InvalidInputError as exc:
             log.warning("site shift: skipped %s (%s)", bundle.ids[r], exc)
+            continue
+        images.append(image)
+        hounsfield.append(values)
+        kept.append(int(r))
     if not kept:
         raise InvalidInputError("site shift needs archive images it can read back; none of the sample could be read")
     rows = np.asarray(kept)
-    shifted = [shift_image(img, shifts, rng) for img in images]
+    shifted = [shift_image(img, shifts, rng, hu) for img, hu in zip(images, hounsfield, strict=True)]
     excluded = [np.asarray([r]) for r in rows]
     if exclude_same:
         column = np.asarray(bundle.metadata[exclude_same])

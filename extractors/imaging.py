@@ -197,20 +197,10 @@ def decode_dicom(
     are indexed by their middle frame: one record per file keeps ids, hashes and metadata one-to-one with files, and
     the middle frame of a cine or multi-phase series is the most representative single view.
     """
-    _pydicom()  # configured once (lenient reading, quiet logs)
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     try:
-        if isinstance(data, str):
-            with open(data, "rb") as fh:
-                data = fh.read()
-        ds = _read_dicom_bounded(data, source, max_pixels)
-        frames = _check_pixel_header(ds, source, max_pixels)
-        index = frames // 2 if frames > 1 else None
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ds.pixel_array_options(index=index)  # decode only the middle frame
-            pixels = ds.pixel_array
+        ds, pixels = _dicom_frame(data, source, max_pixels)
         photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
         if photometric == "PALETTE COLOR":
             from pydicom.pixels import apply_color_lut
@@ -236,6 +226,50 @@ def decode_dicom(
     except Exception as exc:  # pydicom raises many unrelated types for corrupt files
         raise InvalidInputError(f"{source}: cannot decode DICOM ({type(exc).__name__}: {exc})") from exc
     return image.astype(np.float32), dicom_metadata(ds)
+
+
+def dicom_hounsfield(data: bytes, *, source: str = "dicom", max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray | None:
+    """A CT file's middle frame in Hounsfield units (modality LUT applied, no window), for re-windowing.
+
+    Returns:
+        (H, W) float32 HU, or ``None`` when the file is not a grey (MONOCHROME2) CT image: other modalities carry
+        no calibrated units a window preset could refer to.
+
+    Raises:
+        InvalidInputError: the bytes are not a readable DICOM file or are over the size limits.
+    """
+    from pydicom.pixels import apply_modality_lut
+
+    try:
+        ds, pixels = _dicom_frame(data, source, max_pixels)
+        photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+        if str(ds.get("Modality", "")).upper() != "CT" or pixels.ndim != 2 or photometric != "MONOCHROME2":
+            return None
+        if str(ds.get("RescaleType", "HU")).upper() != "HU":
+            return None
+        values = apply_modality_lut(pixels, ds).astype(np.float32)
+    except InvalidInputError:
+        raise
+    except Exception as exc:  # pydicom raises many unrelated types for corrupt files
+        raise InvalidInputError(f"{source}: cannot decode DICOM ({type(exc).__name__}: {exc})") from exc
+    if not np.isfinite(values).all():
+        raise InvalidInputError(f"{source}: the CT values are not finite; re-export the file")
+    return values
+
+
+def _dicom_frame(data: bytes | str, source: str, max_pixels: int) -> tuple[Any, np.ndarray]:
+    """The parsed data set (size-checked from its header first) and its middle frame's stored pixels."""
+    _pydicom()  # configured once (lenient reading, quiet logs)
+    if isinstance(data, str):
+        with open(data, "rb") as fh:
+            data = fh.read()
+    ds = _read_dicom_bounded(data, source, max_pixels)
+    frames = _check_pixel_header(ds, source, max_pixels)
+    index = frames // 2 if frames > 1 else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds.pixel_array_options(index=index)  # decode only the middle frame
+        return ds, ds.pixel_array
 
 
 def max_decoded_bytes(max_pixels: int) -> int:

@@ -12,10 +12,13 @@ from cbmir.cli import main
 from cbmir.errors import InvalidInputError
 from cbmir.evaluation.protocols import score_rankings
 from cbmir.evaluation.report import shift_table
-from cbmir.evaluation.site_shift import evaluate_site_shift
+from cbmir.evaluation.site_shift import evaluate_site_shift, read_query_image
+from cbmir.extractors.imaging import dicom_windows
 from cbmir.index_build import load_bundle
 from cbmir.server.search_engine import SearchEngine
 from cbmir.training.reexport import SHIFTS, parse_shifts, shift_image
+
+from .helpers import synthetic_dicom
 
 
 def test_each_shift_changes_the_image_within_range_and_reproducibly() -> None:
@@ -64,3 +67,40 @@ def test_cli_writes_the_shift_table(small_bundle: Path, tmp_path: Path, capsys: 
     table = shift_table(out)
     assert f"| hog | label | {row['unshifted']['P@1']:.3f} | {row['shifted']['P@1']:.3f} |" in table
     assert "Changes: gamma+resize; 20 queries, seed 0" in table
+
+
+def _ct_phantom(tmp_path: Path, **extra: object) -> tuple[str, np.ndarray]:
+    """A CT DICOM file of five tissue bands (air, lung, fat, soft tissue, bone: -1000..1000 HU) stored with the
+    usual intercept of -1024 and shown by the archive through a narrow brain window, and its HU."""
+    hounsfield = np.repeat(np.array([-1000, -700, -100, 40, 1000], dtype=np.float32), 8)[None, :].repeat(16, axis=0)
+    fields: dict[str, object] = {"Modality": "CT", "RescaleSlope": 1, "RescaleIntercept": -1024}
+    fields.update(extra)
+    path = tmp_path / "ct.dcm"
+    path.write_bytes(synthetic_dicom(hounsfield + 1024, "MONOCHROME2", **fields))
+    return path.as_uri(), hounsfield
+
+
+def test_ct_dicom_queries_are_rewindowed_from_their_hounsfield_units(tmp_path: Path) -> None:
+    uri, hounsfield = _ct_phantom(tmp_path)
+    image, values = read_query_image(uri, dicom_windows({"CT": (40, 80)}))
+    np.testing.assert_array_equal(values, hounsfield)
+    bands = image[0, ::8]
+    assert bands[0] == bands[1] == bands[2] == 0.0 and bands[4] == 1.0  # the brain window saturates the rest
+    rng = np.random.default_rng(0)
+    lung_resolved = 0
+    for _ in range(40):
+        shifted = shift_image(image, ["windows"], rng, values)[0, ::8]
+        assert np.all(np.diff(shifted) >= 0), "a window keeps the order of the CT values"
+        lung_resolved += 0.0 < shifted[1] < shifted[3]
+    assert lung_resolved > 0, "air, lung and fat share one grey in the 8-bit image: only HU can separate them"
+    from_8bit = shift_image(image, ["windows"], np.random.default_rng(0))[0, ::8]
+    assert from_8bit[0] == from_8bit[1] == from_8bit[2]
+
+
+def test_only_grey_ct_files_carry_hounsfield_units(tmp_path: Path) -> None:
+    for fields in ({"Modality": "CR"}, {"PhotometricInterpretation": "MONOCHROME1"}, {"RescaleType": "US"}):
+        uri, _ = _ct_phantom(tmp_path, **fields)
+        image, values = read_query_image(uri)
+        assert values is None and image.shape == (16, 40)
+    with pytest.raises(InvalidInputError, match="do not match the image"):
+        shift_image(np.zeros((4, 4), np.float32), ["windows"], np.random.default_rng(0), np.zeros((4, 5)))
