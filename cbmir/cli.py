@@ -59,6 +59,9 @@ def extractor_configs(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
             if args.pca_dim:
                 cfg["pca_dim"] = args.pca_dim
                 cfg["whiten"] = args.whiten
+                cfg["site_whiten"] = args.site_whiten
+            elif args.site_whiten:
+                raise InvalidInputError("--site-whiten projects to --pca-dim dims: add --pca-dim (e.g. 256)")
             configs[name] = cfg
         elif name == "bovw":
             configs[name] = {"words": args.bovw_words}
@@ -720,6 +723,12 @@ def build_parser() -> argparse.ArgumentParser:
         "scaled with the input size (0: off; bovw's SIFT smooths on its own)",
     )
     b.add_argument("--whiten", action="store_true", help="whiten the PCA components")
+    b.add_argument(
+        "--site-whiten",
+        action="store_true",
+        help="replace the cnn's PCA by a whitening learned, without labels, from the fit sample and its site-shift "
+        "re-exports: descriptors that hold across hospitals (needs --pca-dim; see the README)",
+    )
     b.add_argument(
         "--bovw-words",
         type=int,

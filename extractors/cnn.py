@@ -37,6 +37,7 @@ from .runtimes import (
     quantize_int8,
     resolve_runtime,
 )
+from .site_whitening import MAX_SAMPLE, SHIFT_COPIES, fit_site_whitening
 
 _LITE_PACKAGES: Mapping[str, tuple[str, str]] = MappingProxyType(
     {
@@ -151,6 +152,8 @@ class CNNExtractor(Extractor):
         intensity: normalisation after resizing (:mod:`cbmir.extractors.intensity`).
         smooth: Gaussian sigma after normalisation, in pixels of a 224-pixel image (scaled to ``image_size``);
             0: off.
+        site_whiten: project to ``pca_dim`` with the whitening learned from the archive sample and its site-shift
+            re-exports (:mod:`cbmir.extractors.site_whitening`) instead of PCA.
     """
 
     metric = "l2"
@@ -174,6 +177,7 @@ class CNNExtractor(Extractor):
         training: dict[str, Any] | None = None,
         intensity: str = "none",
         smooth: float = 0.0,
+        site_whiten: bool = False,
     ) -> None:
         if image_size < 16:
             raise InvalidInputError(f"image_size must be at least 16, got {image_size}")
@@ -181,7 +185,13 @@ class CNNExtractor(Extractor):
         self.runtime = resolve_runtime(runtime, self.device)
         check_precision(self.runtime, precision)
         self.precision = precision
-        self.needs_fit = precision == "int8"
+        if site_whiten and (not pca_dim or whiten):
+            raise InvalidInputError(
+                "site_whiten learns its own whitened projection to pca_dim dims: set pca_dim (e.g. --pca-dim 256) "
+                "and leave whiten off"
+            )
+        self.site_whiten = bool(site_whiten)
+        self.needs_fit = precision == "int8" or self.site_whiten
         self._int8_model: bytes | None = None
         self._compiled: InferenceRuntime | None = None
         self._compile_lock = threading.Lock()
@@ -270,6 +280,7 @@ class CNNExtractor(Extractor):
             "stages": self.stages,
             "pca_dim": self.pca_dim,
             "whiten": self.whiten,
+            "site_whiten": self.site_whiten,
             "l2_normalize": self.l2_normalize,
             "runtime": self.runtime,
             "precision": self.precision,
@@ -320,14 +331,23 @@ class CNNExtractor(Extractor):
         return out
 
     def fit(self, images: Sequence[np.ndarray]) -> None:
-        """int8 only: calibrate and quantise the network on archive images (at most 256 of the sample)."""
-        if self.precision != "int8":
-            return
-        step = max(1, len(images) // 256)
-        calibration = self.preprocess(list(images[::step][:256]))
-        self._int8_model = quantize_int8(self.network, self.image_size, calibration)
+        """int8: calibrate and quantise the network on archive images (at most 256 of the sample). ``site_whiten``:
+        learn the projection from the sample (at most :data:`~cbmir.extractors.site_whitening.MAX_SAMPLE` images)
+        and its re-exports, described by the final (possibly int8) network."""
+        if self.precision == "int8":
+            step = max(1, len(images) // 256)
+            calibration = self.preprocess(list(images[::step][:256]))
+            self._int8_model = quantize_int8(self.network, self.image_size, calibration)
+            self.reset_runtime()
+        if self.site_whiten:
+            from cbmir.training.reexport import SHIFTS, shift_image
+
+            step = max(1, -(-len(images) // MAX_SAMPLE))
+            sample = list(images[::step])
+            rng = np.random.default_rng(0)
+            shifted = [self.extract([shift_image(im, SHIFTS, rng) for im in sample]) for _ in range(SHIFT_COPIES)]
+            self._pca_mean, self._pca_matrix = fit_site_whitening(self.extract(sample), shifted, self.pca_dim)
         self.needs_fit = False
-        self.reset_runtime()
 
     @property
     def can_classify(self) -> bool:
@@ -361,7 +381,7 @@ class CNNExtractor(Extractor):
         return p / p.sum(axis=1, keepdims=True)
 
     def fit_archive(self, raw: np.ndarray) -> None:
-        if not self.pca_dim:
+        if not self.pca_dim or self.site_whiten:
             return
         if self.pca_dim > min(raw.shape):
             raise InvalidInputError(
@@ -412,6 +432,9 @@ class CNNExtractor(Extractor):
             self._pca_matrix = np.asarray(state["pca_matrix"], dtype=np.float32)
         if "head.weight" in state:
             self.set_head(state["head.weight"], state["head.bias"])
+        self.needs_fit = (self.precision == "int8" and self._int8_model is None) or (
+            self.site_whiten and self._pca_matrix is None
+        )
 
     @classmethod
     def restore(cls, config: dict[str, Any], state: dict[str, np.ndarray], device: str = "auto") -> CNNExtractor:
