@@ -4,7 +4,7 @@ SHARED ?= ../shared/data
 BUNDLES ?= bundles
 RESULTS ?= docs/results
 
-.PHONY: setup demo test test-slow lint proto eval eval-mednist eval-unifesp eval-cv eval-cv-unifesp eval-cv-unifesp-ssl eval-cv-unifesp-shift eval-cv-unifesp-shift-trained eval-cv-mednist eval-runtimes eval-unifesp-qe eval-unifesp-ssl eval-mednist-ssl bench bench-bundle \
+.PHONY: setup demo test test-slow lint proto eval eval-mednist eval-unifesp eval-cv eval-cv-unifesp eval-cv-unifesp-ssl eval-cv-unifesp-shift eval-cv-unifesp-shift-trained eval-cv-mednist eval-runtimes eval-unifesp-qe eval-unifesp-ssl eval-mednist-ssl eval-site-whiten bench bench-bundle \
 	soak report clean
 
 # Debian's chromium drives the page test (tests/test_ui.py); installed when missing and apt-get is at hand (root).
@@ -89,6 +89,20 @@ eval-mednist-ssl:
 		--image-size 64 --pca-dim 128 --out $(BUNDLES)/mednist-ssl --no-progress
 	cbmir eval --index $(BUNDLES)/mednist-ssl --methods cnn --relevance body_region,modality,label --shift all \
 		--json $(RESULTS)/shift-mednist-ssl.json --no-progress
+
+# Label-free, training-free site robustness: the cnn's PCA replaced by the whitening learned from the fit sample and
+# its site-shift re-exports (--site-whiten); unshifted tables and the shift protocol, UNIFESP and MedNIST (~6 min).
+eval-site-whiten:
+	cbmir build --images $(SHARED)/unifesp_bodypart --select single_label=1 --extractors cnn --pca-dim 128 \
+		--site-whiten --out $(BUNDLES)/unifesp-site-whiten --no-progress
+	cbmir eval --index $(BUNDLES)/unifesp-site-whiten --methods cnn,cnn:qe2 --k-prep 10 --relevance label \
+		--exclude-same patient_id --json $(RESULTS)/unifesp-site-whiten.json --no-progress
+	cbmir eval --index $(BUNDLES)/unifesp-site-whiten --methods cnn --relevance label --exclude-same patient_id \
+		--shift all --shift-queries 500 --json $(RESULTS)/shift-unifesp-site-whiten.json --no-progress
+	cbmir build --images $(SHARED)/mednist/mednist_58954_jpeg.zip --extractors cnn --image-size 64 --pca-dim 128 \
+		--site-whiten --out $(BUNDLES)/mednist-site-whiten --no-progress
+	cbmir eval --index $(BUNDLES)/mednist-site-whiten --methods cnn --relevance body_region,modality,label \
+		--shift all --shift-queries 500 --json $(RESULTS)/shift-mednist-site-whiten.json --no-progress
 
 eval-cv: eval-cv-unifesp eval-cv-mednist
 

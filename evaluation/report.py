@@ -20,6 +20,7 @@ DATASETS = (  # result file, relevance field -> the paper's column
     ("unifesp.json", {"label": "region"}),
     ("unifesp-qe.json", {"label": "region"}),
     ("unifesp-ssl.json", {"label": "region"}),
+    ("unifesp-site-whiten.json", {"label": "region"}),
 )
 WORST_CLASSES = 5
 
