@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import time
-import zipfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -21,7 +20,7 @@ import numpy as np
 
 from cbmir.errors import InvalidInputError
 from cbmir.extractors.imaging import NO_WINDOWS, DicomWindows, dicom_hounsfield, is_dicom
-from cbmir.index_build.archive import decode_archived_bytes, read_archived_bytes, read_archived_image
+from cbmir.index_build.archive import decode_archived_bytes, read_archived_image, read_stored_bytes
 from cbmir.index_build.bundle import Bundle
 from cbmir.server.search_engine import SearchEngine
 from cbmir.training.reexport import shift_image
@@ -36,10 +35,7 @@ def read_query_image(uri: str, windows: DicomWindows = NO_WINDOWS) -> tuple[np.n
     file (``None`` otherwise), so that the ``windows`` change re-windows CT from its Hounsfield units."""
     if not uri.startswith(("file://", "zip://")):
         return read_archived_image(uri, windows), None
-    try:
-        data = read_archived_bytes(uri)
-    except (OSError, KeyError, zipfile.BadZipFile) as exc:
-        raise InvalidInputError(f"{uri}: cannot read the archived image ({type(exc).__name__}: {exc})") from exc
+    data = read_stored_bytes(uri)
     image = decode_archived_bytes(data, uri, windows)[0]
     return image, dicom_hounsfield(data, source=uri) if is_dicom(data) else None
 

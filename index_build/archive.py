@@ -145,6 +145,18 @@ def read_archived_bytes(uri: str) -> bytes:
     raise KeyError(f"{uri} is not a file:// or zip:// uri")
 
 
+def read_stored_bytes(uri: str) -> bytes:
+    """:func:`read_archived_bytes`, its failures raised as one-line errors.
+
+    Raises:
+        InvalidInputError: the file or member is gone or unreadable.
+    """
+    try:
+        return read_archived_bytes(uri)
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+        raise InvalidInputError(f"{uri}: cannot read the archived image ({type(exc).__name__}: {exc})") from exc
+
+
 def read_archived_image(uri: str, windows: DicomWindows = NO_WINDOWS) -> np.ndarray:
     """The image behind a record's uri (``file://``, ``zip://PATH!MEMBER``, ``npz://PATH!SPLIT/ROW``), decoded
     through the same readers that indexed it, as 2-D float32 in [0, 1].
@@ -152,19 +164,17 @@ def read_archived_image(uri: str, windows: DicomWindows = NO_WINDOWS) -> np.ndar
     Raises:
         InvalidInputError: the file is gone, unreadable or not an image any more.
     """
+    if uri.startswith(("file://", "zip://")):
+        return decode_archived_bytes(read_stored_bytes(uri), uri, windows)[0]
+    if not uri.startswith("npz://"):
+        raise InvalidInputError(f"{uri}: not an archive uri this server can read")
     try:
-        if uri.startswith(("file://", "zip://")):
-            data = read_archived_bytes(uri)
-        elif uri.startswith("npz://"):
-            path, key = uri[len("npz://") :].split("!", 1)
-            split, row = key.rsplit("/", 1)
-            with np.load(path) as npz:
-                return to_unit_gray(npz[f"{split}_images" if f"{split}_images" in npz.files else split][int(row)])
-        else:
-            raise InvalidInputError(f"{uri}: not an archive uri this server can read")
+        path, key = uri[len("npz://") :].split("!", 1)
+        split, row = key.rsplit("/", 1)
+        with np.load(path) as npz:
+            return to_unit_gray(npz[f"{split}_images" if f"{split}_images" in npz.files else split][int(row)])
     except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
         raise InvalidInputError(f"{uri}: cannot read the archived image ({type(exc).__name__}: {exc})") from exc
-    return decode_archived_bytes(data, uri, windows)[0]
 
 
 def read_labels_csv(path: str | os.PathLike[str]) -> dict[str, dict[str, str]]:

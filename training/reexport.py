@@ -17,7 +17,8 @@ One definition serves the ``cbmir eval --shift`` protocol (queries re-exported) 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 
 import cv2
 import numpy as np
@@ -26,16 +27,18 @@ from cbmir.errors import InvalidInputError
 
 SHIFTS = ("windows", "gamma", "jpeg", "resize", "noise")
 
-CT_WINDOW_PRESETS: dict[str, tuple[float, float]] = {
-    "brain": (40.0, 80.0),
-    "subdural": (75.0, 215.0),
-    "stroke": (35.0, 40.0),
-    "soft tissue": (50.0, 400.0),
-    "mediastinum": (50.0, 350.0),
-    "liver": (60.0, 160.0),
-    "lung": (-600.0, 1500.0),
-    "bone": (400.0, 1800.0),
-}
+CT_WINDOW_PRESETS: Mapping[str, tuple[float, float]] = MappingProxyType(
+    {
+        "brain": (40.0, 80.0),
+        "subdural": (75.0, 215.0),
+        "stroke": (35.0, 40.0),
+        "soft tissue": (50.0, 400.0),
+        "mediastinum": (50.0, 350.0),
+        "liver": (60.0, 160.0),
+        "lung": (-600.0, 1500.0),
+        "bone": (400.0, 1800.0),
+    }
+)
 """Window presets (centre, width) in Hounsfield units that CT workstations ship and sites export with."""
 
 
