@@ -12,7 +12,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cbmir.defaults import INTENSITY_EXTRACTORS, INTENSITY_MODES, SMOOTH_EXTRACTORS
+from cbmir.defaults import (
+    DEFAULT_PROJECTION_DIM,
+    INTENSITY_EXTRACTORS,
+    INTENSITY_MODES,
+    PROJECTIONS,
+    SITE_WHITEN_AUTO,
+    SMOOTH_EXTRACTORS,
+)
 from cbmir.errors import CbmirError, InvalidInputError
 from cbmir.options import DEVICE_CHOICES, HelpFormatter, add_options, from_options
 
@@ -56,12 +63,7 @@ def extractor_configs(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
             }
             if args.image_size:
                 cfg["image_size"] = args.image_size
-            if args.pca_dim:
-                cfg["pca_dim"] = args.pca_dim
-                cfg["whiten"] = args.whiten
-                cfg["site_whiten"] = args.site_whiten
-            elif args.site_whiten:
-                raise InvalidInputError("--site-whiten projects to --pca-dim dims: add --pca-dim (e.g. 256)")
+            cfg.update(_projection_config(args))
             configs[name] = cfg
         elif name == "bovw":
             configs[name] = {"words": args.bovw_words}
@@ -76,6 +78,30 @@ def extractor_configs(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         if args.smooth and name in SMOOTH_EXTRACTORS:
             configs[name]["smooth"] = args.smooth
     return configs
+
+
+def _projection_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The cnn's ``pca_dim``/``whiten``/``site_whiten`` from ``--projection``, ``--pca-dim``, ``--whiten`` and
+    ``--site-whiten`` (which is ``--projection site-whiten``)."""
+    projection = args.projection
+    if args.site_whiten:
+        if projection not in ("auto", "site-whiten"):
+            raise InvalidInputError(f"--site-whiten contradicts --projection {projection}: keep one of them")
+        projection = "site-whiten"
+    if args.whiten and projection != "pca":
+        raise InvalidInputError(
+            "--whiten scales PCA components: add --projection pca (site whitening learns its own whitening)"
+        )
+    if projection == "none":
+        if args.pca_dim is not None:
+            raise InvalidInputError("--pca-dim sets the width of a projection: drop it or use --projection pca")
+        return {}
+    if args.pca_dim is not None and args.pca_dim < 1:
+        raise InvalidInputError(f"--pca-dim must be at least 1, got {args.pca_dim}; --projection none keeps the width")
+    dim = args.pca_dim or DEFAULT_PROJECTION_DIM
+    if projection == "pca":
+        return {"pca_dim": dim, "whiten": args.whiten}
+    return {"pca_dim": dim, "site_whiten": True if projection == "site-whiten" else SITE_WHITEN_AUTO}
 
 
 def _index_types(value: str) -> str | dict[str, str]:
@@ -707,7 +733,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--model", default="tf_efficientnet_lite0", help="timm backbone for cnn")
     b.add_argument("--weights", help="imagenet (offline package), timm (hub download), random, or a file")
     b.add_argument("--image-size", type=int, default=0, help="cnn input side (default 224)")
-    b.add_argument("--pca-dim", type=int, default=0, help="reduce cnn descriptors with PCA")
+    b.add_argument(
+        "--projection",
+        choices=PROJECTIONS,
+        default="auto",
+        help="cnn descriptor projection: site-whiten (learned without labels from the fit sample and its site-shift "
+        "re-exports: descriptors that hold across hospitals; see the README), pca, or none (the network's full "
+        "width); auto: site-whiten when the fit sample holds 4 images per output dimension, none below",
+    )
+    b.add_argument(
+        "--pca-dim",
+        type=int,
+        default=None,
+        help=f"output width of --projection site-whiten or pca (default {DEFAULT_PROJECTION_DIM})",
+    )
     b.add_argument(
         "--intensity",
         choices=INTENSITY_MODES,
@@ -722,12 +761,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="Gaussian smoothing of cnn and hog inputs before description: sigma in pixels of a 224-pixel image, "
         "scaled with the input size (0: off; bovw's SIFT smooths on its own)",
     )
-    b.add_argument("--whiten", action="store_true", help="whiten the PCA components")
+    b.add_argument("--whiten", action="store_true", help="scale the components of --projection pca to unit variance")
     b.add_argument(
         "--site-whiten",
         action="store_true",
-        help="replace the cnn's PCA by a whitening learned, without labels, from the fit sample and its site-shift "
-        "re-exports: descriptors that hold across hospitals (needs --pca-dim; see the README)",
+        help="--projection site-whiten, refusing archives too small to learn it instead of keeping the full width",
     )
     b.add_argument(
         "--bovw-words",

@@ -9,6 +9,16 @@ OFFLINE_WEIGHTS = "imagenet"
 DEFAULT_MAX_PIXELS = 64_000_000
 """Largest decoded image (width x height) accepted; guards against decompression bombs."""
 
+PROJECTIONS = ("auto", "site-whiten", "pca", "none")
+"""``cbmir build --projection`` values for the cnn descriptors. ``auto`` (the default) is ``site-whiten`` when the
+archive's fit sample holds at least 4 images per output dimension and ``none`` (the network's full width) below."""
+
+SITE_WHITEN_AUTO = "auto"
+"""cnn ``site_whiten`` value that lets the fit sample decide (:func:`cbmir.extractors.site_whitening.site_whitening_applies`)."""
+
+DEFAULT_PROJECTION_DIM = 128
+"""Output width of ``--projection site-whiten``/``pca`` when ``--pca-dim`` is not given."""
+
 RUNTIME_CHOICES = ("auto", "torch", "openvino", "onnxruntime")
 """``--runtime`` values of the cnn extractor; ``auto`` is OpenVINO on CPU (ONNX Runtime, then torch, when it is not
 installed) and torch on CUDA."""

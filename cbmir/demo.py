@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from cbmir.client import RetrievalClient, format_hits
+from cbmir.defaults import DEFAULT_PROJECTION_DIM, SITE_WHITEN_AUTO
 from cbmir.index_build import build_bundle, open_archive
 from cbmir.server.config import ServerConfig
 from cbmir.server.startup import start_server
@@ -40,7 +41,11 @@ def run_demo(out: Path, device: str = "auto") -> int:
     report = build_bundle(
         archive,
         out,
-        {"cnn": {"image_size": 224}, "hog": {}, "bovw": {"words": 64}},
+        {
+            "cnn": {"image_size": 224, "pca_dim": DEFAULT_PROJECTION_DIM, "site_whiten": SITE_WHITEN_AUTO},
+            "hog": {},
+            "bovw": {"words": 64},
+        },
         batch_size=16,
         device=device,
         on_skip=lambda s: skipped.append(f"{s['id']}: {s['error'].split(': ', 1)[-1]}"),

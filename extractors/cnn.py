@@ -37,7 +37,14 @@ from .runtimes import (
     quantize_int8,
     resolve_runtime,
 )
-from .site_whitening import MAX_SAMPLE, SHIFT_COPIES, fit_site_whitening
+from .site_whitening import (
+    AUTO_IMAGES_PER_DIM,
+    MAX_SAMPLE,
+    SHIFT_COPIES,
+    SITE_WHITEN_AUTO,
+    fit_site_whitening,
+    site_whitening_applies,
+)
 
 _LITE_PACKAGES: Mapping[str, tuple[str, str]] = MappingProxyType(
     {
@@ -153,7 +160,10 @@ class CNNExtractor(Extractor):
         smooth: Gaussian sigma after normalisation, in pixels of a 224-pixel image (scaled to ``image_size``);
             0: off.
         site_whiten: project to ``pca_dim`` with the whitening learned from the archive sample and its site-shift
-            re-exports (:mod:`cbmir.extractors.site_whitening`) instead of PCA.
+            re-exports (:mod:`cbmir.extractors.site_whitening`) instead of PCA. ``"auto"`` decides in :meth:`fit`:
+            the projection when the sample is large enough
+            (:func:`~cbmir.extractors.site_whitening.site_whitening_applies`), otherwise the full width; the
+            configuration then records the choice.
     """
 
     metric = "l2"
@@ -177,7 +187,7 @@ class CNNExtractor(Extractor):
         training: dict[str, Any] | None = None,
         intensity: str = "none",
         smooth: float = 0.0,
-        site_whiten: bool = False,
+        site_whiten: bool | str = False,
     ) -> None:
         if image_size < 16:
             raise InvalidInputError(f"image_size must be at least 16, got {image_size}")
@@ -185,13 +195,15 @@ class CNNExtractor(Extractor):
         self.runtime = resolve_runtime(runtime, self.device)
         check_precision(self.runtime, precision)
         self.precision = precision
+        if site_whiten not in (True, False, SITE_WHITEN_AUTO):
+            raise InvalidInputError(f"site_whiten must be true, false or {SITE_WHITEN_AUTO!r}, got {site_whiten!r}")
         if site_whiten and (not pca_dim or whiten):
             raise InvalidInputError(
                 "site_whiten learns its own whitened projection to pca_dim dims: set pca_dim (e.g. --pca-dim 256) "
                 "and leave whiten off"
             )
-        self.site_whiten = bool(site_whiten)
-        self.needs_fit = precision == "int8" or self.site_whiten
+        self.site_whiten: bool | str = site_whiten
+        self.needs_fit = precision == "int8" or bool(self.site_whiten)
         self._int8_model: bytes | None = None
         self._compiled: InferenceRuntime | None = None
         self._compile_lock = threading.Lock()
@@ -339,10 +351,24 @@ class CNNExtractor(Extractor):
             calibration = self.preprocess(list(images[::step][:256]))
             self._int8_model = quantize_int8(self.network, self.image_size, calibration)
             self.reset_runtime()
+        step = max(1, -(-len(images) // MAX_SAMPLE))
+        if self.site_whiten == SITE_WHITEN_AUTO:
+            sample_size = len(images[::step])
+            self.site_whiten = site_whitening_applies(sample_size, self.raw_dim, self.pca_dim)
+            if not self.site_whiten:
+                log.info(
+                    "cnn: site whitening to %d dims needs %d sample images (%d here) and a %d-wide network (%d): "
+                    "keeping the full width",
+                    self.pca_dim,
+                    AUTO_IMAGES_PER_DIM * self.pca_dim,
+                    sample_size,
+                    2 * self.pca_dim,
+                    self.raw_dim,
+                )
+                self.pca_dim = 0
         if self.site_whiten:
             from cbmir.training.reexport import SHIFTS, shift_image
 
-            step = max(1, -(-len(images) // MAX_SAMPLE))
             sample = list(images[::step])
             rng = np.random.default_rng(0)
             shifted = [self.extract([shift_image(im, SHIFTS, rng) for im in sample]) for _ in range(SHIFT_COPIES)]
@@ -433,7 +459,7 @@ class CNNExtractor(Extractor):
         if "head.weight" in state:
             self.set_head(state["head.weight"], state["head.bias"])
         self.needs_fit = (self.precision == "int8" and self._int8_model is None) or (
-            self.site_whiten and self._pca_matrix is None
+            bool(self.site_whiten) and self._pca_matrix is None
         )
 
     @classmethod

@@ -18,7 +18,18 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from cbmir.defaults import SITE_WHITEN_AUTO
 from cbmir.errors import InvalidInputError
+
+__all__ = [
+    "AUTO_IMAGES_PER_DIM",
+    "MAX_SAMPLE",
+    "SHIFT_COPIES",
+    "SHRINKAGE",
+    "SITE_WHITEN_AUTO",
+    "fit_site_whitening",
+    "site_whitening_applies",
+]
 
 SHIFT_COPIES = 2
 """Re-exports described per sample image."""
@@ -28,6 +39,16 @@ SHRINKAGE = 0.1
 
 MAX_SAMPLE = 2500
 """Most sample images re-exported: 5,000 pairs estimate a 256-wide covariance well, and fitting stays short."""
+
+AUTO_IMAGES_PER_DIM = 4
+"""``site_whiten="auto"`` (the ``cbmir build`` default) learns the projection when the fit sample holds at least
+this many images per output dimension and the network is at least twice as wide as the output; smaller archives
+keep the network's full width, where an estimate from a few hundred images would be noise."""
+
+
+def site_whitening_applies(sample_size: int, width: int, dim: int) -> bool:
+    """Whether ``site_whiten="auto"`` learns a ``dim``-wide projection from ``sample_size`` descriptors of ``width``."""
+    return dim >= 1 and sample_size >= AUTO_IMAGES_PER_DIM * dim and width >= 2 * dim
 
 
 def fit_site_whitening(

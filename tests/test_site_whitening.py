@@ -12,6 +12,7 @@ from cbmir.errors import InvalidInputError
 from cbmir.extractors import create_extractor
 from cbmir.extractors.cnn import CNNExtractor
 from cbmir.extractors.site_whitening import fit_site_whitening
+from cbmir.index_build.bundle import read_manifest, resolve_version_dir
 
 
 def _exports(n: int, width: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -72,7 +73,64 @@ def test_a_site_whitened_cnn_fits_on_its_sample_and_restores_without_refitting()
     np.testing.assert_allclose(restored.describe(images[:5]), out, atol=1e-5)
 
 
-def test_build_refuses_site_whitening_without_a_width(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["build", "--images", str(tmp_path), "--out", str(tmp_path / "b"), "--site-whiten"])
-    assert code != 0
-    assert "--site-whiten projects to --pca-dim dims: add --pca-dim" in capsys.readouterr().err
+def test_auto_site_whitening_learns_the_projection_from_a_large_enough_sample_and_keeps_the_width_below() -> None:
+    rng = np.random.default_rng(0)
+    images = [rng.random((48, 48), dtype=np.float32) for _ in range(16)]
+    config = {"model": "test_efficientnet", "weights": "random", "image_size": 48, "device": "cpu"}
+    small = create_extractor("cnn", pca_dim=4, site_whiten="auto", **config)
+    assert small.needs_fit
+    small.fit(images[:15])
+    assert small.config()["site_whiten"] is False and small.config()["pca_dim"] == 0
+    assert small.describe(images[:2]).shape == (2, small.raw_dim)
+    enough = create_extractor("cnn", pca_dim=4, site_whiten="auto", **config)
+    enough.fit(images)
+    assert enough.config()["site_whiten"] is True and enough.describe(images[:2]).shape == (2, 4)
+    with pytest.raises(InvalidInputError, match="site_whiten must be"):
+        create_extractor("cnn", pca_dim=4, site_whiten="yes", **config)
+
+
+def _built_cnn(out: Path) -> dict[str, object]:
+    manifest = read_manifest(resolve_version_dir(out))
+    cnn = manifest["methods"]["cnn"]
+    return {"dim": cnn["dim"], **{k: cnn["config"][k] for k in ("pca_dim", "whiten", "site_whiten")}}
+
+
+def test_cbmir_build_site_whitens_by_default_when_the_archive_is_large_enough(
+    unifesp_subset: tuple[Path, Path], tmp_path: Path
+) -> None:
+    root, labels = unifesp_subset
+    build = ["build", "--images", str(root), "--labels", str(labels), "--extractors", "cnn", "--model"]
+    build += ["test_efficientnet", "--weights", "random", "--image-size", "48", "--no-progress", "--out"]
+    assert main([*build, str(tmp_path / "auto"), "--pca-dim", "8"]) == 0  # 90 images: >= 4 per dimension
+    assert _built_cnn(tmp_path / "auto") == {"dim": 8, "pca_dim": 8, "whiten": False, "site_whiten": True}
+    assert main([*build, str(tmp_path / "small")]) == 0  # 90 images are too few for the default 128 dims
+    width = _built_cnn(tmp_path / "small")["dim"]
+    assert _built_cnn(tmp_path / "small") == {"dim": width, "pca_dim": 0, "whiten": False, "site_whiten": False}
+    assert main([*build, str(tmp_path / "pca"), "--projection", "pca", "--pca-dim", "8", "--whiten"]) == 0
+    assert _built_cnn(tmp_path / "pca") == {"dim": 8, "pca_dim": 8, "whiten": True, "site_whiten": False}
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--site-whiten"], "site whitening to 128 dims needs more sample images"),
+        (["--whiten"], "--whiten scales PCA components: add --projection pca"),
+        (["--site-whiten", "--projection", "pca"], "--site-whiten contradicts --projection pca"),
+        (["--projection", "none", "--pca-dim", "64"], "--pca-dim sets the width of a projection"),
+        (["--pca-dim", "0"], "--pca-dim must be at least 1"),
+    ],
+)
+def test_build_refuses_contradictory_projection_flags(
+    flags: list[str],
+    message: str,
+    unifesp_subset: tuple[Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    root, labels = unifesp_subset
+    build = ["build", "--images", str(root), "--labels", str(labels), "--extractors", "cnn", "--model"]
+    build += ["test_efficientnet", "--weights", "random", "--image-size", "48", "--no-progress", "--out"]
+    assert main([*build, str(tmp_path / "b"), *flags]) != 0
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "b").exists() or not any((tmp_path / "b").iterdir())
