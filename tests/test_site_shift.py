@@ -104,3 +104,40 @@ def test_only_grey_ct_files_carry_hounsfield_units(tmp_path: Path) -> None:
         assert values is None and image.shape == (16, 40)
     with pytest.raises(InvalidInputError, match="do not match the image"):
         shift_image(np.zeros((4, 4), np.float32), ["windows"], np.random.default_rng(0), np.zeros((4, 5)))
+
+
+def test_cross_validation_describes_shifted_queries_with_the_archive_statistics(
+    unifesp_subset: tuple[Path, Path],
+) -> None:
+    """BoVW's IDF is fitted on the archive; a shifted query must be weighted by it, not by statistics refitted on
+    the shifted images (which would describe queries and archive in different spaces)."""
+    from cbmir.evaluation.cross_validation import cross_validate
+    from cbmir.extractors import create_extractor
+    from cbmir.index_build import open_archive
+    from cbmir.training.dataset import decode_archive
+
+    data = decode_archive(open_archive(*unifesp_subset), progress=False)
+    shifts = ("noise", "resize")
+    doc = cross_validate(
+        data,
+        label_field="label",
+        relevance=["label"],
+        methods=["bovw"],
+        group_field="patient_id",
+        folds=2,
+        device="cpu",
+        progress=False,
+        keep_rankings=True,
+        shifts=shifts,
+    )
+    bovw = create_extractor("bovw", device="cpu")
+    bovw.fit([data.images[i] for i in np.random.default_rng(0).choice(len(data), len(data), replace=False)])
+    raw = bovw.extract(data.images)
+    bovw.fit_archive(raw)
+    archive = bovw.transform(raw)
+    rng = np.random.default_rng(0)
+    queries = bovw.transform(bovw.extract([shift_image(image, shifts, rng) for image in data.images]))
+    similarity = queries @ archive.T
+    patients = np.asarray(data.column("patient_id"))
+    similarity[patients[:, None] == patients[None, :]] = -np.inf
+    np.testing.assert_array_equal(doc["shifted_rankings"]["bovw"][:, 0], similarity.argmax(axis=1))
