@@ -360,6 +360,12 @@ class RetrievalClient:
 
         return dict(json.loads(self.last_trailers.get("cbmir-timings-ms", "{}")))
 
+    @property
+    def last_predicted_class(self) -> str | None:
+        """The class the last ``predict_class`` search was restricted to; ``""`` when no class reached the confidence
+        threshold (the whole archive was searched), None when the last search did not predict."""
+        return self.last_trailers.get("cbmir-predicted-class")
+
     def reload(self, *, timeout: float | None = None) -> pb.ReloadResponse:
         """Ask the server to swap in the bundle's live version (admin token needed when tokens are set)."""
         with _raising_retrieval_errors():

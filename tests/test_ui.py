@@ -10,6 +10,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -52,20 +53,21 @@ def hostile_bundle(unifesp_subset: tuple[Path, Path], tmp_path_factory: pytest.T
     return folder / "b"
 
 
-@pytest.fixture(scope="module")
-def page_url(hostile_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+@contextmanager
+def _served_page(bundle: Path, tokens: Path | None = None, eval_doc: dict | None = None) -> Iterator[tuple[str, str]]:
+    """A real cbmir server on the bundle and the page's application in front of it: (page URL, server target)."""
     import uvicorn
 
     from cbmir.ui.app import UiConfig, create_app
 
-    tokens = tmp_path_factory.mktemp("tokens") / "tokens"
-    tokens.write_text(f"search {TOKEN}\n")
     running = start_server(
-        ServerConfig(index=str(hostile_bundle), port=0, device="cpu", tokens_file=str(tokens)), wait_ready=True
+        ServerConfig(index=str(bundle), port=0, device="cpu", tokens_file=str(tokens) if tokens else None),
+        wait_ready=True,
     )
     target = f"127.0.0.1:{running.port}"
-    doc = evaluate(load_bundle(hostile_bundle), ["hog"], ["label"], device="cpu", progress=False)
-    app = create_app(RetrievalClient(target, token=TOKEN), UiConfig(max_upload_mb=1, eval_doc=doc))
+    app = create_app(
+        RetrievalClient(target, token=TOKEN if tokens else None), UiConfig(max_upload_mb=1, eval_doc=eval_doc)
+    )
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -73,10 +75,47 @@ def page_url(hostile_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     deadline = time.monotonic() + 30
     while not server.started and time.monotonic() < deadline:
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", target
-    server.should_exit = True
-    thread.join(10)
-    running.stop(0)
+    try:
+        yield f"http://127.0.0.1:{port}", target
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        running.stop(0)
+
+
+@pytest.fixture(scope="module")
+def page_url(hostile_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    tokens = tmp_path_factory.mktemp("tokens") / "tokens"
+    tokens.write_text(f"search {TOKEN}\n")
+    doc = evaluate(load_bundle(hostile_bundle), ["hog"], ["label"], device="cpu", progress=False)
+    with _served_page(hostile_bundle, tokens, doc) as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def classifying_page(
+    unifesp_subset: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, str]]:
+    """A cnn bundle whose checkpoint carries a nearest-centroid classification head over the 3 body parts."""
+    import numpy as np
+
+    from cbmir.extractors import create_extractor
+    from cbmir.training.dataset import decode_archive
+    from cbmir.training.trainer import TrainResult, save_checkpoint
+
+    data = decode_archive(open_archive(*unifesp_subset), progress=False)
+    extractor = create_extractor("cnn", model="test_efficientnet", weights="random", image_size=48, device="cpu")
+    raw = extractor.extract(data.images)
+    labels = np.asarray(data.column("label"))
+    classes = sorted(set(labels))
+    centroids = np.stack([raw[labels == c].mean(axis=0) for c in classes])
+    extractor.set_head(centroids * 20.0, -10.0 * (centroids**2).sum(axis=1))
+    folder = tmp_path_factory.mktemp("classifying")
+    ckpt = save_checkpoint(TrainResult(extractor, classes), folder / "head.pt")
+    config = {"model": "test_efficientnet", "weights": str(ckpt), "image_size": 48}
+    build_bundle(open_archive(*unifesp_subset), folder / "b", {"cnn": config}, device="cpu", progress=False)
+    with _served_page(folder / "b") as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
@@ -189,3 +228,66 @@ def test_group_by_and_distance_cut_off_from_the_page(page_url, browser) -> None:
     assert [c.get_attribute("data-id") for c in page.query_selector_all(".hit")] == [h.id for h in within]
     assert all(h.distance <= cut for h in within) and len(within) < 50
     page.close()
+
+
+def test_query_expansion_and_reciprocal_re_ranking_from_the_page(page_url, browser) -> None:
+    url, target = page_url
+    image = UNIFESP / "images" / "00003.png"
+    client = RetrievalClient(target, token=TOKEN)
+    plain = client.search_image(image.read_bytes(), k=10, method="hog")
+    expanded = client.search_image(image.read_bytes(), k=10, method="hog", expand=3, reciprocal_k1=8)
+    assert [h.id for h in expanded] != [h.id for h in plain]  # the options change this query's ranking
+    page = browser.new_page()
+    page.goto(url)
+    page.wait_for_selector("#method option", state="attached")
+    assert page.is_hidden("#class-controls")  # HOG has no classifier: no class-predicted search offered
+    page.fill("#k", "10")
+    page.fill("#expand", "3")
+    page.fill("#reciprocal", "8")
+    page.set_input_files("#file", str(image))
+    page.wait_for_function("document.querySelectorAll('.hit').length === 10")
+    assert [c.get_attribute("data-id") for c in page.query_selector_all(".hit")] == [h.id for h in expanded]
+    page.fill("#expand", "-1")
+    with page.expect_response(lambda r: r.url.endswith("/api/search")):
+        page.click("#search")
+    page.wait_for_function("document.querySelector('#error').textContent.length > 0")
+    assert page.inner_text("#error") == "expand must be 0 (off) or the number of hits to expand with, got -1"
+    page.close()
+
+
+def test_class_predicted_search_with_a_neighbour_vote_from_the_page(classifying_page, browser) -> None:
+    url, target = classifying_page
+    image = UNIFESP / "images" / "00003.png"
+    client = RetrievalClient(target)
+    direct = client.search_image(image.read_bytes(), k=6, predict_class=True, class_vote=5)
+    predicted = client.last_predicted_class
+    assert predicted in ("Abdomen", "Chest", "Knee")
+    assert all(h.metadata["label"] == predicted for h in direct)
+    page = browser.new_page()
+    page.goto(url)
+    page.wait_for_selector("#method option", state="attached")
+    assert page.is_visible("#class-controls")
+    page.check("#predict-class")
+    page.fill("#class-vote", "5")
+    page.fill("#k", "6")
+    page.set_input_files("#file", str(image))
+    page.wait_for_selector(".predicted")
+    assert page.inner_text(".predicted") == f"predicted class: {predicted}"
+    assert [c.get_attribute("data-id") for c in page.query_selector_all(".hit")] == [h.id for h in direct]
+    page.close()
+
+
+def test_a_malformed_number_is_a_one_line_error_naming_the_field(page_url) -> None:
+    import urllib.error
+    import urllib.request
+
+    url, _ = page_url
+    body = '--b\r\nContent-Disposition: form-data; name="archive_id"\r\n\r\nimages/00003.png\r\n'
+    body += '--b\r\nContent-Disposition: form-data; name="k"\r\n\r\nten\r\n--b--\r\n'
+    request = urllib.request.Request(
+        url + "/api/search", data=body.encode(), headers={"Content-Type": "multipart/form-data; boundary=b"}
+    )
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=30)
+    assert caught.value.code == 400
+    assert json.loads(caught.value.read()) == {"error": "k must be a whole number, got 'ten'"}

@@ -343,7 +343,7 @@ def save_checkpoint(result: TrainResult, path: str | os.PathLike[str]) -> Path:
         "format": CHECKPOINT_FORMAT,
         "model": result.extractor.model_name,
         "state_dict": {k: v.detach().cpu() for k, v in result.extractor.net.state_dict().items()},
-        "classes": result.classes,
+        "classes": [str(c) for c in result.classes],
         "training": result.training,
     }
     if result.extractor.head is not None:

@@ -47,6 +47,36 @@ def _preview(data: bytes) -> str | None:
     return "data:image/png;base64," + base64.b64encode(png).decode()
 
 
+def _number(form: Any, field: str, kind: type[int] | type[float], default: float | None) -> Any:
+    """The form field as a number (``default`` when empty); a one-line error naming the field otherwise."""
+    value = str(form.get(field) or "").strip()
+    if not value:
+        return default
+    try:
+        return kind(value)
+    except ValueError:
+        wanted = "a whole number" if kind is int else "a number"
+        raise InvalidInputError(f"{field} must be {wanted}, got {value[:40]!r}") from None
+
+
+def _search_options(form: Any) -> dict[str, Any]:
+    """Search keyword options for :class:`RetrievalClient` from the page's form (the server checks ranges)."""
+    predict = str(form.get("predict_class") or "") in ("1", "true", "on")
+    return {
+        "k": _number(form, "k", int, 10),
+        "method": str(form.get("method") or ""),
+        "rerank": str(form.get("rerank") or "") or None,
+        "k_prep": _number(form, "k_prep", int, 0),
+        "group_by": str(form.get("group_by") or ""),
+        "group_size": _number(form, "group_size", int, 0),
+        "max_distance": _number(form, "max_distance", float, None),
+        "expand": _number(form, "expand", int, 0),
+        "reciprocal_k1": _number(form, "reciprocal_k1", int, 0),
+        "predict_class": predict,
+        "class_vote": _number(form, "class_vote", int, 0) if predict else 0,
+    }
+
+
 def create_app(client: RetrievalClient, config: UiConfig | None = None) -> FastAPI:
     """The web application; ``client`` holds the connection (and token) to the cbmir server."""
     config = config or UiConfig()
@@ -76,6 +106,7 @@ def create_app(client: RetrievalClient, config: UiConfig | None = None) -> FastA
                 "filter_fields": list(reply.filter_fields),
                 "max_k": reply.max_k,
                 "max_upload_mb": config.max_upload_mb,
+                "can_predict_class": "predict_class" in reply.capabilities,
             }
         )
 
@@ -84,18 +115,10 @@ def create_app(client: RetrievalClient, config: UiConfig | None = None) -> FastA
         declared = int(request.headers.get("content-length") or 0)
         if declared > limit + 64 * 1024:
             return _error(413, f"upload of {declared} bytes exceeds the limit of {config.max_upload_mb} MB")
-        form = await request.form(max_files=1, max_fields=20)
+        form = await request.form(max_files=1, max_fields=30)
         upload = form.get("image")
-        options = {
-            "k": int(str(form.get("k") or 10)),
-            "method": str(form.get("method") or ""),
-            "rerank": str(form.get("rerank") or "") or None,
-            "k_prep": int(str(form.get("k_prep") or 0)),
-            "group_by": str(form.get("group_by") or ""),
-            "group_size": int(str(form.get("group_size") or 0)),
-            "max_distance": float(str(form.get("max_distance"))) if form.get("max_distance") else None,
-        }
         try:
+            options = _search_options(form)
             filters = json.loads(str(form.get("filters") or "{}"))
             if not isinstance(filters, dict):
                 raise ValueError("filters must be an object")
@@ -123,6 +146,7 @@ def create_app(client: RetrievalClient, config: UiConfig | None = None) -> FastA
                     for h in hits
                 ],
                 "timings_ms": client.last_timings_ms,
+                "predicted_class": client.last_predicted_class,
             }
         )
 
