@@ -37,13 +37,17 @@ def bench_summary(res: Path) -> str:
         out += [
             "## Throughput (offline extraction, batched)",
             "",
-            "| extractor | bundle | device | images/s | reference images/s | x reference |",
-            "|---|---|---|---|---|---|",
+            "| extractor | from bundle | input px | runtime / precision | device | images/s | reference images/s "
+            "| x reference | fraction of peak |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for r in doc["runs"]:
+            source = Path(r["bundle"]).name if r.get("bundle") else "created here"
+            engine = f"{r['runtime']} / {r['precision']}" if r.get("runtime") else "-"
+            peak = f"{r['fraction_of_peak']:.2f} of {r['peak_kind']}" if r.get("fraction_of_peak") else "-"
             out.append(
-                f"| {r['extractor']} | {Path(r.get('bundle', '')).name} | {r['device']} | {r['images_per_s']} "
-                f"| {r['baseline_images_per_s']} | {r['speedup']} |"
+                f"| {r['extractor']} | {source} | {r.get('config', {}).get('image_size', '-')} | {engine} "
+                f"| {r['device']} | {r['images_per_s']} | {r['baseline_images_per_s']} | {r['speedup']} | {peak} |"
             )
         out.append("")
     if (res / "scaling.json").exists():
