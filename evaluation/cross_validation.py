@@ -36,12 +36,11 @@ from cbmir.index_build.records import Records
 from cbmir.server.search_engine import SearchEngine
 from cbmir.training import TrainConfig
 from cbmir.training.dataset import LabelledImages, balanced_subsample
-from cbmir.training.reexport import shift_image
 from cbmir.training.splits import group_codes, group_kfold
 from cbmir.training.trainer import save_checkpoint, train_extractor
 
 from .protocols import K, parse_method, score_rankings
-from .site_shift import shift_scores
+from .site_shift import reexport_images, shift_scores
 
 log = logging.getLogger("cbmir.cv")
 
@@ -185,10 +184,7 @@ def cross_validate(
     if unknown:
         raise InvalidInputError(f"unknown cross-validation method(s) {sorted(unknown)}; use {FIXED + LEARNED}")
 
-    shifted_images = []
-    if shifts:
-        shift_rng = np.random.default_rng(shift_seed)
-        shifted_images = [shift_image(image, shifts, shift_rng) for image in data.images]
+    shifted_images = reexport_images(data.images, data.uris, shifts, shift_seed) if shifts else []
     fixed: dict[str, MethodIndex] = {}
     fixed_shifted: dict[str, np.ndarray] = {}
     timings: dict[str, float] = {}

@@ -30,14 +30,45 @@ from .protocols import K, parse_method, score_rankings
 log = logging.getLogger("cbmir.eval")
 
 
+def _stores_bytes(uri: str) -> bool:
+    """Whether the URI names a stored file (folder or zip member), as opposed to an array in an .npz archive."""
+    return uri.startswith(("file://", "zip://"))
+
+
 def read_query_image(uri: str, windows: DicomWindows = NO_WINDOWS) -> tuple[np.ndarray, np.ndarray | None]:
     """An archived image as the archive shows it, (H, W) in [0, 1], and its CT values in HU when it is a CT DICOM
     file (``None`` otherwise), so that the ``windows`` change re-windows CT from its Hounsfield units."""
-    if not uri.startswith(("file://", "zip://")):
+    if not _stores_bytes(uri):
         return read_archived_image(uri, windows), None
     data = read_stored_bytes(uri)
     image = decode_archived_bytes(data, uri, windows)[0]
     return image, dicom_hounsfield(data, source=uri) if is_dicom(data) else None
+
+
+def archived_hounsfield(uri: str) -> np.ndarray | None:
+    """The CT values in HU behind an archived grey CT DICOM file; ``None`` for any other image."""
+    if not _stores_bytes(uri):
+        return None
+    data = read_stored_bytes(uri)
+    return dicom_hounsfield(data, source=uri) if is_dicom(data) else None
+
+
+def reexport_images(
+    images: Sequence[np.ndarray], uris: Sequence[str], shifts: Sequence[str], seed: int
+) -> list[np.ndarray]:
+    """Every image re-exported once by ``shifts`` from one generator seeded with ``seed``, in order; with the
+    ``windows`` change, CT DICOM files (found through ``uris``, which may be empty) are re-windowed from their HU.
+
+    Args:
+        images: (H, W) float32 images in [0, 1], as the archive shows them.
+        uris: their archive URIs, or empty when unknown (8-bit window/level for every image).
+    """
+    rng = np.random.default_rng(seed)
+    if "windows" in shifts and uris:
+        hounsfield = [archived_hounsfield(uri) for uri in uris]
+    else:
+        hounsfield = [None] * len(images)
+    return [shift_image(image, shifts, rng, hu) for image, hu in zip(images, hounsfield, strict=True)]
 
 
 def shift_scores(

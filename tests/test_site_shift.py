@@ -18,7 +18,7 @@ from cbmir.index_build import load_bundle
 from cbmir.server.search_engine import SearchEngine
 from cbmir.training.reexport import SHIFTS, parse_shifts, shift_image
 
-from .helpers import synthetic_dicom
+from .helpers import real_png, synthetic_dicom
 
 
 def test_each_shift_changes_the_image_within_range_and_reproducibly() -> None:
@@ -141,3 +141,24 @@ def test_cross_validation_describes_shifted_queries_with_the_archive_statistics(
     patients = np.asarray(data.column("patient_id"))
     similarity[patients[:, None] == patients[None, :]] = -np.inf
     np.testing.assert_array_equal(doc["shifted_rankings"]["bovw"][:, 0], similarity.argmax(axis=1))
+
+
+def test_cross_validation_re_exports_ct_dicom_from_its_hounsfield_units(tmp_path: Path) -> None:
+    from cbmir.evaluation.site_shift import reexport_images
+    from cbmir.index_build import open_archive
+    from cbmir.training.dataset import decode_archive
+
+    _, hounsfield = _ct_phantom(tmp_path)
+    (tmp_path / "a-xray.png").write_bytes(real_png(0))  # described first: its draws precede the CT's
+    data = decode_archive(open_archive(tmp_path, windows=dicom_windows({"CT": (40, 80)})), progress=False)
+    assert data.ids == ["a-xray.png", "ct.dcm"] and len(data.uris) == 2
+    ct = data.ids.index("ct.dcm")
+    rng = np.random.default_rng(5)
+    expected = [shift_image(im, ["windows"], rng, hounsfield if i == ct else None) for i, im in enumerate(data.images)]
+    shifted = reexport_images(data.images, data.uris, ["windows"], seed=5)
+    for got, want in zip(shifted, expected, strict=True):
+        np.testing.assert_array_equal(got, want)
+    from_8bit = reexport_images(data.images, [], ["windows"], seed=5)
+    np.testing.assert_array_equal(from_8bit[1 - ct], shifted[1 - ct])  # the PNG takes the same 8-bit change
+    assert len(np.unique(from_8bit[ct][0, :24])) == 1  # air, lung and fat: one grey without the HU
+    assert len(np.unique(shifted[ct][0, :24])) > 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from tqdm import tqdm
@@ -24,6 +24,8 @@ class LabelledImages:
     images: list[np.ndarray]
     metadata: dict[str, list[str]]
     skipped: list[str]
+    uris: list[str] = field(default_factory=list)
+    """Archive URIs of the images (empty when the images did not come from an archive)."""
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -35,6 +37,7 @@ class LabelledImages:
             images=[self.images[i] for i in indices],
             metadata={k: [v[i] for i in indices] for k, v in self.metadata.items()},
             skipped=self.skipped,
+            uris=[self.uris[i] for i in indices] if self.uris else [],
         )
 
     def column(self, field: str) -> list[str]:
@@ -72,6 +75,7 @@ def decode_archive(archive: Archive, *, progress: bool = True, threads: int = 4)
         images=[r.image for r in records],
         metadata={f: [r.metadata.get(f, "") for r in records] for f in fields},
         skipped=skipped,
+        uris=[r.uri for r in records],
     )
 
 
