@@ -109,7 +109,8 @@ def classifying_page(
     labels = np.asarray(data.column("label"))
     classes = sorted(set(labels))
     centroids = np.stack([raw[labels == c].mean(axis=0) for c in classes])
-    extractor.set_head(centroids * 20.0, -10.0 * (centroids**2).sum(axis=1))
+    sharpness = 1000.0  # logits -sharpness/2 * |x - c|^2 (+ a per-query constant): confident at any random init
+    extractor.set_head(centroids * sharpness, -sharpness / 2 * (centroids**2).sum(axis=1))
     folder = tmp_path_factory.mktemp("classifying")
     ckpt = save_checkpoint(TrainResult(extractor, classes), folder / "head.pt")
     config = {"model": "test_efficientnet", "weights": str(ckpt), "image_size": 48}
@@ -261,8 +262,8 @@ def test_class_predicted_search_with_a_neighbour_vote_from_the_page(classifying_
     client = RetrievalClient(target)
     direct = client.search_image(image.read_bytes(), k=6, predict_class=True, class_vote=5)
     predicted = client.last_predicted_class
-    assert predicted in ("Abdomen", "Chest", "Knee")
-    assert all(h.metadata["label"] == predicted for h in direct)
+    assert predicted in ("Abdomen", "Chest", "Knee", "")  # "": no class reached the confidence threshold
+    assert not predicted or all(h.metadata["label"] == predicted for h in direct)
     page = browser.new_page()
     page.goto(url)
     page.wait_for_selector("#method option", state="attached")
@@ -272,7 +273,8 @@ def test_class_predicted_search_with_a_neighbour_vote_from_the_page(classifying_
     page.fill("#k", "6")
     page.set_input_files("#file", str(image))
     page.wait_for_selector(".predicted")
-    assert page.inner_text(".predicted") == f"predicted class: {predicted}"
+    shown = "no class reached the confidence threshold: the whole archive was searched"
+    assert page.inner_text(".predicted") == (f"predicted class: {predicted}" if predicted else shown)
     assert [c.get_attribute("data-id") for c in page.query_selector_all(".hit")] == [h.id for h in direct]
     page.close()
 
