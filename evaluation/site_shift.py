@@ -20,7 +20,7 @@ import numpy as np
 
 from cbmir.errors import InvalidInputError
 from cbmir.extractors.imaging import NO_WINDOWS, DicomWindows, dicom_hounsfield, is_dicom
-from cbmir.index_build.archive import decode_archived_bytes, read_archived_image, read_stored_bytes
+from cbmir.index_build.archive import decode_archived_bytes, read_archived_image, read_stored_bytes, stores_bytes
 from cbmir.index_build.bundle import Bundle
 from cbmir.server.search_engine import SearchEngine
 from cbmir.training.reexport import shift_image
@@ -30,27 +30,22 @@ from .protocols import K, parse_method, score_rankings
 log = logging.getLogger("cbmir.eval")
 
 
-def _stores_bytes(uri: str) -> bool:
-    """Whether the URI names a stored file (folder or zip member), as opposed to an array in an .npz archive."""
-    return uri.startswith(("file://", "zip://"))
+def _hounsfield(data: bytes, uri: str) -> np.ndarray | None:
+    return dicom_hounsfield(data, source=uri) if is_dicom(data) else None
 
 
 def read_query_image(uri: str, windows: DicomWindows = NO_WINDOWS) -> tuple[np.ndarray, np.ndarray | None]:
     """An archived image as the archive shows it, (H, W) in [0, 1], and its CT values in HU when it is a CT DICOM
     file (``None`` otherwise), so that the ``windows`` change re-windows CT from its Hounsfield units."""
-    if not _stores_bytes(uri):
+    if not stores_bytes(uri):
         return read_archived_image(uri, windows), None
     data = read_stored_bytes(uri)
-    image = decode_archived_bytes(data, uri, windows)[0]
-    return image, dicom_hounsfield(data, source=uri) if is_dicom(data) else None
+    return decode_archived_bytes(data, uri, windows)[0], _hounsfield(data, uri)
 
 
 def archived_hounsfield(uri: str) -> np.ndarray | None:
     """The CT values in HU behind an archived grey CT DICOM file; ``None`` for any other image."""
-    if not _stores_bytes(uri):
-        return None
-    data = read_stored_bytes(uri)
-    return dicom_hounsfield(data, source=uri) if is_dicom(data) else None
+    return _hounsfield(read_stored_bytes(uri), uri) if stores_bytes(uri) else None
 
 
 def reexport_images(

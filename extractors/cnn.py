@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from cbmir.checksums import sha256_file
-from cbmir.defaults import DEFAULT_MODEL, OFFLINE_WEIGHTS
+from cbmir.defaults import DEFAULT_MODEL, OFFLINE_WEIGHTS, SITE_WHITEN_AUTO
 from cbmir.errors import InvalidInputError
 from cbmir.timing import stage
 
@@ -41,7 +41,6 @@ from .site_whitening import (
     AUTO_IMAGES_PER_DIM,
     MAX_SAMPLE,
     SHIFT_COPIES,
-    SITE_WHITEN_AUTO,
     fit_site_whitening,
     site_whitening_applies,
 )

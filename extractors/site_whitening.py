@@ -18,18 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from cbmir.defaults import SITE_WHITEN_AUTO
 from cbmir.errors import InvalidInputError
-
-__all__ = [
-    "AUTO_IMAGES_PER_DIM",
-    "MAX_SAMPLE",
-    "SHIFT_COPIES",
-    "SHRINKAGE",
-    "SITE_WHITEN_AUTO",
-    "fit_site_whitening",
-    "site_whitening_applies",
-]
 
 SHIFT_COPIES = 2
 """Re-exports described per sample image."""

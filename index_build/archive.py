@@ -145,6 +145,11 @@ def read_archived_bytes(uri: str) -> bytes:
     raise KeyError(f"{uri} is not a file:// or zip:// uri")
 
 
+def stores_bytes(uri: str) -> bool:
+    """Whether the uri names a stored file (``file://`` or ``zip://`` member) rather than an ``.npz`` array."""
+    return uri.startswith(("file://", "zip://"))
+
+
 def read_stored_bytes(uri: str) -> bytes:
     """:func:`read_archived_bytes`, its failures raised as one-line errors.
 
@@ -164,7 +169,7 @@ def read_archived_image(uri: str, windows: DicomWindows = NO_WINDOWS) -> np.ndar
     Raises:
         InvalidInputError: the file is gone, unreadable or not an image any more.
     """
-    if uri.startswith(("file://", "zip://")):
+    if stores_bytes(uri):
         return decode_archived_bytes(read_stored_bytes(uri), uri, windows)[0]
     if not uri.startswith("npz://"):
         raise InvalidInputError(f"{uri}: not an archive uri this server can read")
