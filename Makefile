@@ -120,12 +120,13 @@ eval-cv-unifesp:
 		--json $(RESULTS)/unifesp-cv.json --no-progress
 
 # Fine-tuning per fold started from the label-free checkpoint of eval-unifesp-ssl instead of ImageNet, 15 epochs
-# (~27 min); classpred:vote10 predicts the class from the head and the query's 10 nearest images.
+# (~27 min); classpred:vote10 predicts the class from the head and the query's 10 nearest images. The fold models
+# stay in bundles/cv-unifesp-ssl: a rerun with other search options reuses them (~2 min).
 eval-cv-unifesp-ssl:
 	cbmir eval --cv-folds 5 --images $(SHARED)/unifesp_bodypart --select single_label=1 --label-field label \
 		--group-field patient_id --epochs 15 --patience 5 --image-size 160 --pretrained-image-size 224 \
 		--weights $(BUNDLES)/unifesp-ssl.pt --methods cnn,finetuned,finetuned:qe2,classpred,classpred:vote10 \
-		--json $(RESULTS)/unifesp-cv-ssl.json --no-progress
+		--fold-models $(BUNDLES)/cv-unifesp-ssl --json $(RESULTS)/unifesp-cv-ssl.json --no-progress
 
 # Site shift measured patient-disjoint: every held-out image re-exported (all five changes) and described by its
 # own fold's models; the second target fine-tunes with the same family as augmentation (~20 min each).

@@ -428,6 +428,7 @@ def cmd_cross_validate(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         shifts=parse_shifts(args.shift) if args.shift else (),
         shift_seed=args.shift_seed,
+        fold_models=args.fold_models,
     )
     doc["config"].update(
         archive=archive.source, total_s=round(time.perf_counter() - t0, 1), command=" ".join(["cbmir", *sys.argv[1:]])
@@ -892,6 +893,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="fine-tune each fold on a class-balanced subsample of this many training images",
     )
     cv.add_argument("--pretrained-image-size", type=int, default=224, help="input side of the pretrained cnn")
+    cv.add_argument(
+        "--fold-models",
+        metavar="DIR",
+        help="keep each fold's fine-tuned checkpoint here; one trained with the same configuration and images is "
+        "reused instead of trained again",
+    )
     _add_train_flags(cv, skip=("self_supervised", "group_positives", "projection_dim"))
     e.set_defaults(func=cmd_eval)
 

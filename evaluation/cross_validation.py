@@ -6,7 +6,8 @@ and itself. Rankings of all folds are pooled and scored like ``cbmir eval``. Met
 (pretrained ``cnn``, ``hog``, ``bovw``) are described once and ranked under the same protocol, so every row of the
 table is measured on the same queries and exclusions.
 
-Methods: ``cnn`` (ImageNet backbone), ``hog``, ``bovw``, ``finetuned``, ``multiscale`` (fine-tuned backbone,
+Methods: ``cnn`` (the pretrained backbone as ``cbmir build`` configures it by default: site-whitened to 128 dims when
+the archive is large enough), ``hog``, ``bovw``, ``finetuned``, ``multiscale`` (fine-tuned backbone,
 pooled stages concatenated, PCA), ``hashing`` (ITQ binary codes, Hamming candidates, exact float re-rank, over the
 fine-tuned descriptors), ``classpred`` (search within the class the fine-tuned head predicts, whole archive when
 unsure), and ``A+B`` (A's candidates re-ranked by B).
@@ -14,7 +15,9 @@ unsure), and ``A+B`` (A's candidates re-ranked by B).
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import platform
 import tempfile
 import time
@@ -27,9 +30,11 @@ import faiss
 import numpy as np
 import torch
 
+from cbmir.checksums import sha256_file
+from cbmir.defaults import DEFAULT_PROJECTION_DIM, SITE_WHITEN_AUTO
 from cbmir.errors import InvalidInputError
 from cbmir.extractors import create_extractor
-from cbmir.extractors.cnn import CNNExtractor
+from cbmir.extractors.cnn import CNNExtractor, read_weights_file
 from cbmir.index_build.bundle import Bundle, MethodIndex, flat_index
 from cbmir.index_build.index_types import build_index
 from cbmir.index_build.records import Records
@@ -37,7 +42,7 @@ from cbmir.server.search_engine import SearchEngine
 from cbmir.training import TrainConfig
 from cbmir.training.dataset import LabelledImages, balanced_subsample
 from cbmir.training.splits import group_codes, group_kfold
-from cbmir.training.trainer import save_checkpoint, train_extractor
+from cbmir.training.trainer import TrainResult, save_checkpoint, train_extractor
 
 from .protocols import K, parse_method, score_rankings
 from .site_shift import reexport_images, shift_scores
@@ -46,6 +51,61 @@ log = logging.getLogger("cbmir.cv")
 
 FIXED = ("cnn", "hog", "bovw")
 LEARNED = ("finetuned", "multiscale", "hashing", "classpred")
+
+
+def _fold_identity(
+    fold: int, folds: int, label_field: str, train_ids: Sequence[str], config: TrainConfig
+) -> dict[str, Any]:
+    """What decides a fold's fine-tuned model: its configuration, its training images and its start weights."""
+    start = config.weights
+    return {
+        "fold": fold,
+        "folds": folds,
+        "label_field": label_field,
+        "train_ids_sha256": hashlib.sha256("\n".join(train_ids).encode()).hexdigest(),
+        "start_weights_sha256": sha256_file(start) if os.path.isfile(start) else start,
+        "config": asdict(config),
+    }
+
+
+def _load_fold_model(
+    path: Path, identity: dict[str, Any], config: TrainConfig, device: str, runtime: str, precision: str
+) -> CNNExtractor | None:
+    """The fold's saved fine-tuned extractor, or None when there is none or it was trained otherwise."""
+    if not path.is_file():
+        return None
+    _, extras = read_weights_file(str(path))
+    if (extras.get("training") or {}).get("cross_validation") != identity:
+        log.info("%s was trained with another configuration or split: training again", path)
+        return None
+    extractor = CNNExtractor(
+        model=config.model,
+        weights=str(path),
+        image_size=config.image_size,
+        intensity=config.intensity,
+        device=device,
+        runtime=runtime,
+        precision=precision,
+    )
+    extractor.load_pretrained()
+    log.info("fold model reused from %s", path)
+    return extractor
+
+
+def _save_extractor(extractor: CNNExtractor, path: Path) -> Path:
+    """Checkpoint of a fine-tuned extractor (as ``cbmir train`` writes it)."""
+    return save_checkpoint(
+        TrainResult(
+            extractor=extractor,
+            classes=list(extractor.classes or []),
+            history=[],
+            best_epoch=0,
+            best_val_map=None,
+            seconds=0.0,
+            training=extractor.training or {},
+        ),
+        path,
+    )
 
 
 def _method_index(
@@ -157,6 +217,7 @@ def cross_validate(
     keep_rankings: bool = False,
     shifts: Sequence[str] = (),
     shift_seed: int = 0,
+    fold_models: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run the protocol; returns the JSON-ready document (per-method scores, per-fold training, timings).
 
@@ -168,6 +229,9 @@ def cross_validate(
     :data:`cbmir.training.reexport.SHIFTS`) also queries every image re-exported with those changes (drawn from
     ``shift_seed``), described by its fold's own models, against the unshifted archive: the document's ``site_shift``
     holds each ranking's P@1, P@10 and seed mAP unshifted and shifted, patient-disjoint like the rest.
+    ``fold_models`` is a folder that keeps each fold's fine-tuned checkpoint (``fold-F-of-K.pt``); a checkpoint
+    already there, trained with the same configuration on the same images, is loaded instead of trained again, so
+    search options and inference settings can be compared on the same models.
     """
     train_config = train_config or TrainConfig(device=device)
     labels = data.column(label_field)
@@ -186,18 +250,27 @@ def cross_validate(
 
     shifted_images = reexport_images(data.images, data.uris, shifts, shift_seed) if shifts else []
     fixed: dict[str, MethodIndex] = {}
+    pretrained: dict[str, Any] = {}
     fixed_shifted: dict[str, np.ndarray] = {}
     timings: dict[str, float] = {}
     for name in sorted(needed & set(FIXED)):
         t0 = time.perf_counter()
         cfg: dict[str, Any] = {"device": device}
         if name == "cnn":
-            cfg.update(image_size=pretrained_image_size, runtime=runtime, precision=precision)
+            cfg.update(
+                image_size=pretrained_image_size,
+                runtime=runtime,
+                precision=precision,
+                pca_dim=DEFAULT_PROJECTION_DIM,
+                site_whiten=SITE_WHITEN_AUTO,
+            )
         extractor = create_extractor(name, **cfg)
         if extractor.needs_fit:
             sample = np.random.default_rng(seed).choice(n, min(n, 5000), replace=False)
             extractor.fit([data.images[i] for i in sample])
         fixed[name] = _method_index(name, name, _describe(extractor, data.images), extractor.metric)
+        if name == "cnn":
+            pretrained = {key: extractor.config()[key] for key in ("image_size", "pca_dim", "site_whiten")}
         if shifts:
             fixed_shifted[name] = extractor.transform(_extract(extractor, shifted_images))
         timings[f"describe_{name}_s"] = round(time.perf_counter() - t0, 1)
@@ -221,23 +294,34 @@ def cross_validate(
         head: np.ndarray | None = None
         if needed & set(LEARNED):
             cfg_fold = TrainConfig(**{**asdict(train_config), "seed": train_config.seed + fold})
-            result = train_extractor(
-                [data.images[i] for i in train],
-                [labels[i] for i in train],
-                [groups[i] for i in train],
-                cfg_fold,
-                progress=progress,
-                runtime=runtime,
-                precision=precision,
-            )
-            result.training["label_field"] = label_field
-            ft = result.extractor
-            ft.training = result.training
+            identity = _fold_identity(fold, folds, label_field, [data.ids[i] for i in train], cfg_fold)
+            saved = Path(fold_models) / f"fold-{fold}-of-{folds}.pt" if fold_models else None
+            ft = _load_fold_model(saved, identity, cfg_fold, device, runtime, precision) if saved else None
+            if ft is None:
+                result = train_extractor(
+                    [data.images[i] for i in train],
+                    [labels[i] for i in train],
+                    [groups[i] for i in train],
+                    cfg_fold,
+                    progress=progress,
+                    runtime=runtime,
+                    precision=precision,
+                )
+                result.training.update(label_field=label_field, cross_validation=identity)
+                ft = result.extractor
+                ft.training = result.training
+                if saved:
+                    save_checkpoint(result, saved)
+            else:
+                if ft.needs_fit:
+                    ft.fit([data.images[i] for i in train[:256]])
+                info["reused"] = str(saved)
+            training = ft.training or {}
             info.update(
-                train_s=round(result.seconds, 1),
-                best_epoch=result.best_epoch,
-                best_val_mAP=result.best_val_map,
-                epochs_run=len(result.history),
+                train_s=training.get("seconds"),
+                best_epoch=training.get("best_epoch"),
+                best_val_mAP=training.get("best_val_mAP"),
+                epochs_run=len(training.get("history") or []),
             )
             t0 = time.perf_counter()
             raw = _extract(ft, data.images)
@@ -258,7 +342,7 @@ def cross_validate(
                 speed["hashing_ms"].append(_search_ms(learned["hashing"].index, descriptors[test]))
             if "multiscale" in needed:
                 with tempfile.TemporaryDirectory() as tmp:
-                    ckpt = save_checkpoint(result, Path(tmp) / "fold.pt")
+                    ckpt = saved if saved else _save_extractor(ft, Path(tmp) / "fold.pt")
                     ms = CNNExtractor(
                         model=train_config.model,
                         weights=str(ckpt),
@@ -352,6 +436,7 @@ def cross_validate(
             "k_prep": k_prep,
             "train_max_images": train_max_images,
             "pretrained_image_size": pretrained_image_size,
+            "pretrained_cnn": pretrained,
             "multiscale": {"stages": list(multiscale_stages), "pca_dim": multiscale_dim},
             "hashing": {"bits": hashing_bits, "k_factor": hashing_k_factor},
             "min_confidence": min_confidence,

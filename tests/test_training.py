@@ -229,6 +229,47 @@ def test_cross_validation_queries_every_image_once_without_its_patient(unifesp_s
         assert r["seed_mAP"] == round(seed_map(labels[rows] == labels[:, None]), 6), r["method"]
 
 
+def test_cross_validation_reuses_fold_models_only_when_trained_alike(unifesp_subset, tmp_path: Path) -> None:
+    from cbmir.evaluation.cross_validation import cross_validate
+    from cbmir.index_build import open_archive
+    from cbmir.training.dataset import decode_archive
+
+    data = decode_archive(open_archive(*unifesp_subset), progress=False)
+
+    def run(config: TrainConfig) -> dict:
+        return cross_validate(
+            data,
+            label_field="label",
+            relevance=["label"],
+            methods=["finetuned", "classpred"],
+            group_field="patient_id",
+            folds=2,
+            train_config=config,
+            device="cpu",
+            progress=False,
+            keep_rankings=True,
+            fold_models=tmp_path,
+        )
+
+    config = TrainConfig(image_size=64, epochs=1, batch_size=16, device="cpu", val_fraction=0.2)
+    first = run(config)
+    saved = sorted(p.name for p in tmp_path.iterdir())
+    assert saved == ["fold-0-of-2.pt", "fold-1-of-2.pt"]
+    assert not any("reused" in f for f in first["folds"])
+    stamps = {p: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+
+    again = run(config)
+    assert all(f["reused"].endswith(f"fold-{f['fold']}-of-2.pt") for f in again["folds"])
+    assert [f["best_epoch"] for f in again["folds"]] == [f["best_epoch"] for f in first["folds"]]
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == stamps
+    for method, rows in first["rankings"].items():
+        np.testing.assert_array_equal(again["rankings"][method], rows, err_msg=method)
+
+    changed = run(TrainConfig(**{**config.__dict__, "lr": 1e-3}))
+    assert not any("reused" in f for f in changed["folds"])
+    assert all(p.stat().st_mtime_ns != stamps[p] for p in tmp_path.iterdir())
+
+
 def test_server_answers_class_predicted_search(trained, finetuned_bundle: Path) -> None:
     import grpc
 
