@@ -4,7 +4,7 @@ SHARED ?= ../shared/data
 BUNDLES ?= bundles
 RESULTS ?= docs/results
 
-.PHONY: setup demo test test-slow lint proto eval eval-mednist eval-unifesp eval-cv eval-cv-unifesp eval-cv-unifesp-ssl eval-cv-unifesp-shift eval-cv-unifesp-shift-trained eval-cv-mednist eval-runtimes eval-unifesp-qe eval-unifesp-ssl eval-mednist-ssl eval-site-whiten bench bench-bundle \
+.PHONY: setup demo test test-slow lint proto eval eval-mednist eval-unifesp eval-cv eval-cv-unifesp eval-cv-unifesp-ssl eval-cv-unifesp-ssl-all eval-cv-unifesp-shift eval-cv-unifesp-shift-trained eval-cv-mednist eval-runtimes eval-unifesp-qe eval-unifesp-ssl eval-mednist-ssl eval-site-whiten bench bench-bundle \
 	soak report clean
 
 # Debian's chromium drives the page test (tests/test_ui.py); installed when missing and apt-get is at hand (root).
@@ -127,6 +127,14 @@ eval-cv-unifesp-ssl:
 		--group-field patient_id --epochs 15 --patience 5 --image-size 160 --pretrained-image-size 224 \
 		--weights $(BUNDLES)/unifesp-ssl.pt --methods cnn,finetuned,finetuned:qe2,classpred,classpred:vote10 \
 		--fold-models $(BUNDLES)/cv-unifesp-ssl --json $(RESULTS)/unifesp-cv-ssl.json --no-progress
+
+# The same start, every training patient used (no early-stopping split: 12 epochs, the cosine schedule's end) and
+# horizontal flips added (a mirrored radiograph shows the same body part); fold models in bundles/cv-unifesp-ssl-all.
+eval-cv-unifesp-ssl-all:
+	cbmir eval --cv-folds 5 --images $(SHARED)/unifesp_bodypart --select single_label=1 --label-field label \
+		--group-field patient_id --epochs 12 --val-fraction 0 --hflip --image-size 160 --pretrained-image-size 224 \
+		--weights $(BUNDLES)/unifesp-ssl.pt --methods cnn,finetuned,classpred,classpred:vote10 \
+		--fold-models $(BUNDLES)/cv-unifesp-ssl-all --json $(RESULTS)/unifesp-cv-ssl-all.json --no-progress
 
 # Site shift measured patient-disjoint: every held-out image re-exported (all five changes) and described by its
 # own fold's models; the second target fine-tunes with the same family as augmentation (~20 min each).

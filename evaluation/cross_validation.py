@@ -7,7 +7,8 @@ and itself. Rankings of all folds are pooled and scored like ``cbmir eval``. Met
 table is measured on the same queries and exclusions.
 
 Methods: ``cnn`` (the pretrained backbone as ``cbmir build`` configures it by default: site-whitened to 128 dims when
-the archive is large enough), ``hog``, ``bovw``, ``finetuned``, ``multiscale`` (fine-tuned backbone,
+the archive is large enough), ``hog``, ``bovw``, ``finetuned`` (the fold's fine-tuned backbone, projected like
+``cnn``; the whitening is learned without labels), ``multiscale`` (fine-tuned backbone,
 pooled stages concatenated, PCA), ``hashing`` (ITQ binary codes, Hamming candidates, exact float re-rank, over the
 fine-tuned descriptors), ``classpred`` (search within the class the fine-tuned head predicts, whole archive when
 unsure), and ``A+B`` (A's candidates re-ranked by B).
@@ -313,8 +314,6 @@ def cross_validate(
                 if saved:
                     save_checkpoint(result, saved)
             else:
-                if ft.needs_fit:
-                    ft.fit([data.images[i] for i in train[:256]])
                 info["reused"] = str(saved)
             training = ft.training or {}
             info.update(
@@ -324,6 +323,10 @@ def cross_validate(
                 epochs_run=len(training.get("history") or []),
             )
             t0 = time.perf_counter()
+            ft.set_projection(DEFAULT_PROJECTION_DIM, site_whiten=SITE_WHITEN_AUTO)
+            if ft.needs_fit:
+                ft.fit(data.images)
+            info["finetuned_projection"] = {"pca_dim": ft.pca_dim, "site_whiten": ft.site_whiten}
             raw = _extract(ft, data.images)
             descriptors = ft.transform(raw)
             info["describe_s"] = round(time.perf_counter() - t0, 1)

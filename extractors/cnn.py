@@ -133,6 +133,16 @@ def load_weights_into(model: torch.nn.Module, state: dict[str, torch.Tensor], so
     model.load_state_dict(mapped, strict=True)
 
 
+def _check_projection(pca_dim: int, whiten: bool, site_whiten: bool | str) -> None:
+    if site_whiten not in (True, False, SITE_WHITEN_AUTO):
+        raise InvalidInputError(f"site_whiten must be true, false or {SITE_WHITEN_AUTO!r}, got {site_whiten!r}")
+    if site_whiten and (not pca_dim or whiten):
+        raise InvalidInputError(
+            "site_whiten learns its own whitened projection to pca_dim dims: set pca_dim (e.g. --pca-dim 256) "
+            "and leave whiten off"
+        )
+
+
 @register_extractor("cnn")
 class CNNExtractor(Extractor):
     """Pooled embedding of a timm backbone; L2 distance.
@@ -194,13 +204,7 @@ class CNNExtractor(Extractor):
         self.runtime = resolve_runtime(runtime, self.device)
         check_precision(self.runtime, precision)
         self.precision = precision
-        if site_whiten not in (True, False, SITE_WHITEN_AUTO):
-            raise InvalidInputError(f"site_whiten must be true, false or {SITE_WHITEN_AUTO!r}, got {site_whiten!r}")
-        if site_whiten and (not pca_dim or whiten):
-            raise InvalidInputError(
-                "site_whiten learns its own whitened projection to pca_dim dims: set pca_dim (e.g. --pca-dim 256) "
-                "and leave whiten off"
-            )
+        _check_projection(pca_dim, whiten, site_whiten)
         self.site_whiten: bool | str = site_whiten
         self.needs_fit = precision == "int8" or bool(self.site_whiten)
         self._int8_model: bytes | None = None
@@ -373,6 +377,14 @@ class CNNExtractor(Extractor):
             shifted = [self.extract([shift_image(im, SHIFTS, rng) for im in sample]) for _ in range(SHIFT_COPIES)]
             self._pca_mean, self._pca_matrix = fit_site_whitening(self.extract(sample), shifted, self.pca_dim)
         self.needs_fit = False
+
+    def set_projection(self, pca_dim: int, *, whiten: bool = False, site_whiten: bool | str = False) -> None:
+        """Replace how raw descriptors are projected (the network and its head stay): a PCA is then learned by
+        :meth:`fit_archive`, a site whitening (or ``"auto"``'s choice) by :meth:`fit`."""
+        _check_projection(pca_dim, whiten, site_whiten)
+        self.pca_dim, self.whiten, self.site_whiten = int(pca_dim), bool(whiten), site_whiten
+        self._pca_mean = self._pca_matrix = None
+        self.needs_fit = self.needs_fit or bool(site_whiten)
 
     @property
     def can_classify(self) -> bool:

@@ -94,6 +94,27 @@ def test_checkpoint_round_trips_into_an_extractor(trained) -> None:
     assert (predicted == np.asarray(data.column("label"))).mean() > 0.6
 
 
+def test_projection_of_a_fine_tuned_extractor_is_replaced_without_touching_its_head(trained) -> None:
+    data, _, ckpt = trained
+    extractor = create_extractor("cnn", weights=str(ckpt), image_size=64, device="cpu")
+    raw = extractor.extract(data.images)
+    probabilities = extractor.class_probabilities(raw)
+    with pytest.raises(InvalidInputError, match="pca_dim"):
+        extractor.set_projection(0, site_whiten=True)
+    extractor.set_projection(16, site_whiten=True)
+    assert extractor.needs_fit
+    with pytest.raises(RuntimeError, match="not fitted"):
+        extractor.transform(raw)
+    extractor.fit(data.images)
+    projected = extractor.transform(raw)
+    assert projected.shape == (len(data.images), 16)
+    np.testing.assert_allclose(np.linalg.norm(projected, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(extractor.class_probabilities(extractor.extract(data.images)), probabilities, atol=1e-6)
+    extractor.set_projection(32, site_whiten="auto")
+    extractor.fit(data.images)  # 90 images are too few for a 32-dim site whitening (4 images per dimension)
+    assert extractor.transform(raw).shape == (len(data.images), extractor.raw_dim)
+
+
 @pytest.fixture(scope="module")
 def finetuned_bundle(trained, unifesp_subset: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     from cbmir.index_build import build_bundle, open_archive
