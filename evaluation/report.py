@@ -110,6 +110,7 @@ CV_DATASETS = (
     ("unifesp-cv-qe.json", ("label",)),
     ("unifesp-cv-ssl-8epochs.json", ("label",)),
     ("unifesp-cv-ssl.json", ("label",)),
+    ("unifesp-cv-ssl-all.json", ("label",)),
     ("unifesp-cv-ssl-siteshift.json", ("label",)),
     ("unifesp-cv-ssl-shift.json", ("label",)),
     ("unifesp-cv-ssl-siteshift-shift.json", ("label",)),
@@ -133,10 +134,17 @@ def cv_table(path: Path, relevances: tuple[str, ...]) -> str:
             cells += ["", "", ""] if r is None else [f"{r['seed_mAP']:.4f}", f"{r['AP@10']:.4f}", f"{r['mP@k'][0]:.4f}"]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     cfg = doc["config"]
+    reused = sum(1 for f in doc["folds"] if f.get("reused"))
+    reuse_note = (
+        f" ({reused} fold models reused from an earlier run of the same command: their training seconds below "
+        "are that run's)"
+        if reused
+        else ""
+    )
     lines += [
         "",
         f"{cfg['protocol']}, {cfg['archive_count']} images, each queried once against the whole archive "
-        f"minus {cfg['exclude']}; {cfg.get('cpu', '?')}, {cfg.get('total_s', '?')} s in all. "
+        f"minus {cfg['exclude']}; {cfg.get('cpu', '?')}, {cfg.get('total_s', '?')} s in all{reuse_note}. "
         f"Command: `{cfg.get('command', '')}`.",
         "",
         "| fold | queries | training images | epochs run | best epoch | validation mAP | training s |",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -256,6 +257,7 @@ def test_cross_validation_reuses_fold_models_only_when_trained_alike(unifesp_sub
     from cbmir.training.dataset import decode_archive
 
     data = decode_archive(open_archive(*unifesp_subset), progress=False)
+    models = tmp_path / "models"
 
     def run(config: TrainConfig) -> dict:
         return cross_validate(
@@ -269,26 +271,32 @@ def test_cross_validation_reuses_fold_models_only_when_trained_alike(unifesp_sub
             device="cpu",
             progress=False,
             keep_rankings=True,
-            fold_models=tmp_path,
+            fold_models=models,
         )
 
     config = TrainConfig(image_size=64, epochs=1, batch_size=16, device="cpu", val_fraction=0.2)
     first = run(config)
-    saved = sorted(p.name for p in tmp_path.iterdir())
+    saved = sorted(p.name for p in models.iterdir())
     assert saved == ["fold-0-of-2.pt", "fold-1-of-2.pt"]
     assert not any("reused" in f for f in first["folds"])
-    stamps = {p: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    stamps = {p: p.stat().st_mtime_ns for p in models.iterdir()}
 
     again = run(config)
     assert all(f["reused"].endswith(f"fold-{f['fold']}-of-2.pt") for f in again["folds"])
     assert [f["best_epoch"] for f in again["folds"]] == [f["best_epoch"] for f in first["folds"]]
-    assert {p: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == stamps
+    assert {p: p.stat().st_mtime_ns for p in models.iterdir()} == stamps
     for method, rows in first["rankings"].items():
         np.testing.assert_array_equal(again["rankings"][method], rows, err_msg=method)
+    from cbmir.evaluation.report import cv_table
+
+    for doc, note in ((first, False), (again, True)):
+        written = tmp_path / "cv.json"
+        written.write_text(json.dumps({k: v for k, v in doc.items() if k != "rankings"}))
+        assert ("2 fold models reused" in cv_table(written, ("label",))) is note
 
     changed = run(TrainConfig(**{**config.__dict__, "lr": 1e-3}))
     assert not any("reused" in f for f in changed["folds"])
-    assert all(p.stat().st_mtime_ns != stamps[p] for p in tmp_path.iterdir())
+    assert all(p.stat().st_mtime_ns != stamps[p] for p in models.iterdir())
 
 
 def test_server_answers_class_predicted_search(trained, finetuned_bundle: Path) -> None:
