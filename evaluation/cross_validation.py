@@ -79,6 +79,14 @@ def _load_fold_model(
     if (extras.get("training") or {}).get("cross_validation") != identity:
         log.info("%s was trained with another configuration or split: training again", path)
         return None
+    log.info("fold model reused from %s", path)
+    return _checkpoint_extractor(path, config, device, runtime, precision)
+
+
+def _checkpoint_extractor(
+    path: Path, config: TrainConfig, device: str, runtime: str, precision: str, **options: Any
+) -> CNNExtractor:
+    """A cnn extractor with a fine-tuned checkpoint's weights (and head), at its training size and intensity."""
     extractor = CNNExtractor(
         model=config.model,
         weights=str(path),
@@ -87,9 +95,9 @@ def _load_fold_model(
         device=device,
         runtime=runtime,
         precision=precision,
+        **options,
     )
     extractor.load_pretrained()
-    log.info("fold model reused from %s", path)
     return extractor
 
 
@@ -346,18 +354,15 @@ def cross_validate(
             if "multiscale" in needed:
                 with tempfile.TemporaryDirectory() as tmp:
                     ckpt = saved if saved else _save_extractor(ft, Path(tmp) / "fold.pt")
-                    ms = CNNExtractor(
-                        model=train_config.model,
-                        weights=str(ckpt),
-                        image_size=train_config.image_size,
-                        intensity=train_config.intensity,
+                    ms = _checkpoint_extractor(
+                        ckpt,
+                        train_config,
+                        device,
+                        runtime,
+                        precision,
                         stages=multiscale_stages,
                         pca_dim=min(multiscale_dim, n),
-                        device=device,
-                        runtime=runtime,
-                        precision=precision,
                     )
-                    ms.load_pretrained()
                     if ms.needs_fit:
                         ms.fit([data.images[i] for i in train[:256]])
                 t0 = time.perf_counter()

@@ -220,7 +220,7 @@ def test_cross_validation_queries_every_image_once_without_its_patient(unifesp_s
         data,
         label_field="label",
         relevance=["label"],
-        methods=["hog", "finetuned", "classpred", "classpred:vote5", "hashing"],
+        methods=["hog", "finetuned", "classpred", "classpred:vote5", "hashing", "multiscale"],
         group_field="patient_id",
         folds=2,
         train_config=TrainConfig(image_size=64, epochs=1, batch_size=16, device="cpu", val_fraction=0.2),
@@ -239,7 +239,14 @@ def test_cross_validation_queries_every_image_once_without_its_patient(unifesp_s
     for r in doc["site_shift"]["results"]:
         assert r["unshifted"]["P@1"] == unshifted_p1[r["method"]], r["method"]
         assert 0.0 <= r["shifted"]["P@1"] <= 1.0
-    assert {r["method"] for r in doc["results"]} == {"hog", "finetuned", "classpred", "classpred:vote5", "hashing"}
+    assert {r["method"] for r in doc["results"]} == {
+        "hog",
+        "finetuned",
+        "classpred",
+        "classpred:vote5",
+        "hashing",
+        "multiscale",
+    }
     assert all(r["queries"] == len(data) for r in doc["results"])
     assert [f["queries"] for f in doc["folds"]] and sum(f["queries"] for f in doc["folds"]) == len(data)
     assert 0.0 <= doc["summary"]["classpred_routed_fraction"] <= 1.0
@@ -264,7 +271,7 @@ def test_cross_validation_reuses_fold_models_only_when_trained_alike(unifesp_sub
             data,
             label_field="label",
             relevance=["label"],
-            methods=["finetuned", "classpred"],
+            methods=["finetuned", "classpred", "multiscale"],
             group_field="patient_id",
             folds=2,
             train_config=config,
