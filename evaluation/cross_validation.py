@@ -35,7 +35,7 @@ from cbmir.checksums import sha256_file
 from cbmir.defaults import DEFAULT_PROJECTION_DIM, SITE_WHITEN_AUTO
 from cbmir.errors import InvalidInputError
 from cbmir.extractors import create_extractor
-from cbmir.extractors.cnn import CNNExtractor, read_weights_file
+from cbmir.extractors.cnn import CNNExtractor
 from cbmir.index_build.bundle import Bundle, MethodIndex, flat_index
 from cbmir.index_build.index_types import build_index
 from cbmir.index_build.records import Records
@@ -43,7 +43,7 @@ from cbmir.server.search_engine import SearchEngine
 from cbmir.training import TrainConfig
 from cbmir.training.dataset import LabelledImages, balanced_subsample
 from cbmir.training.splits import group_codes, group_kfold
-from cbmir.training.trainer import TrainResult, save_checkpoint, train_extractor
+from cbmir.training.trainer import save_checkpoint, train_extractor
 
 from .protocols import K, parse_method, score_rankings
 from .site_shift import reexport_images, shift_scores
@@ -55,16 +55,16 @@ LEARNED = ("finetuned", "multiscale", "hashing", "classpred")
 
 
 def _fold_identity(
-    fold: int, folds: int, label_field: str, train_ids: Sequence[str], config: TrainConfig
+    fold: int, folds: int, label_field: str, train_ids: Sequence[str], config: TrainConfig, start_weights: str
 ) -> dict[str, Any]:
-    """What decides a fold's fine-tuned model: its configuration, its training images and its start weights."""
-    start = config.weights
+    """What decides a fold's fine-tuned model: its configuration, its training images and its start weights
+    (``start_weights``: the weights file's sha256, or the name of packaged weights)."""
     return {
         "fold": fold,
         "folds": folds,
         "label_field": label_field,
         "train_ids_sha256": hashlib.sha256("\n".join(train_ids).encode()).hexdigest(),
-        "start_weights_sha256": sha256_file(start) if os.path.isfile(start) else start,
+        "start_weights_sha256": start_weights,
         "config": asdict(config),
     }
 
@@ -75,12 +75,12 @@ def _load_fold_model(
     """The fold's saved fine-tuned extractor, or None when there is none or it was trained otherwise."""
     if not path.is_file():
         return None
-    _, extras = read_weights_file(str(path))
-    if (extras.get("training") or {}).get("cross_validation") != identity:
+    extractor = _checkpoint_extractor(path, config, device, runtime, precision)
+    if (extractor.training or {}).get("cross_validation") != identity:
         log.info("%s was trained with another configuration or split: training again", path)
         return None
     log.info("fold model reused from %s", path)
-    return _checkpoint_extractor(path, config, device, runtime, precision)
+    return extractor
 
 
 def _checkpoint_extractor(
@@ -99,22 +99,6 @@ def _checkpoint_extractor(
     )
     extractor.load_pretrained()
     return extractor
-
-
-def _save_extractor(extractor: CNNExtractor, path: Path) -> Path:
-    """Checkpoint of a fine-tuned extractor (as ``cbmir train`` writes it)."""
-    return save_checkpoint(
-        TrainResult(
-            extractor=extractor,
-            classes=list(extractor.classes or []),
-            history=[],
-            best_epoch=0,
-            best_val_map=None,
-            seconds=0.0,
-            training=extractor.training or {},
-        ),
-        path,
-    )
 
 
 def _method_index(
@@ -285,6 +269,8 @@ def cross_validate(
         timings[f"describe_{name}_s"] = round(time.perf_counter() - t0, 1)
         log.info("described %d images with %s in %.1f s", n, name, timings[f"describe_{name}_s"])
 
+    start = train_config.weights
+    start_weights = sha256_file(start) if os.path.isfile(start) else start
     rows = {spec: np.full((n, K), -1, np.int64) for spec in methods}
     shifted_rows = {spec: np.full((n, K), -1, np.int64) for spec in methods} if shifts else {}
     fold_info: list[dict[str, Any]] = []
@@ -303,7 +289,7 @@ def cross_validate(
         head: np.ndarray | None = None
         if needed & set(LEARNED):
             cfg_fold = TrainConfig(**{**asdict(train_config), "seed": train_config.seed + fold})
-            identity = _fold_identity(fold, folds, label_field, [data.ids[i] for i in train], cfg_fold)
+            identity = _fold_identity(fold, folds, label_field, [data.ids[i] for i in train], cfg_fold, start_weights)
             saved = Path(fold_models) / f"fold-{fold}-of-{folds}.pt" if fold_models else None
             ft = _load_fold_model(saved, identity, cfg_fold, device, runtime, precision) if saved else None
             if ft is None:
@@ -353,7 +339,7 @@ def cross_validate(
                 speed["hashing_ms"].append(_search_ms(learned["hashing"].index, descriptors[test]))
             if "multiscale" in needed:
                 with tempfile.TemporaryDirectory() as tmp:
-                    ckpt = saved if saved else _save_extractor(ft, Path(tmp) / "fold.pt")
+                    ckpt = saved or save_checkpoint(result, Path(tmp) / "fold.pt")  # trained: none was reused
                     ms = _checkpoint_extractor(
                         ckpt,
                         train_config,
