@@ -133,8 +133,8 @@ eval-cv-unifesp-ssl:
 eval-cv-unifesp-ssl-all:
 	cbmir eval --cv-folds 5 --images $(SHARED)/unifesp_bodypart --select single_label=1 --label-field label \
 		--group-field patient_id --epochs 12 --val-fraction 0 --hflip --image-size 160 --pretrained-image-size 224 \
-		--weights $(BUNDLES)/unifesp-ssl.pt --methods cnn,finetuned,classpred,classpred:vote10 \
-		--fold-models $(BUNDLES)/cv-unifesp-ssl-all --json $(RESULTS)/unifesp-cv-ssl-all.json --no-progress
+		--weights $(BUNDLES)/unifesp-ssl.pt --methods cnn,finetuned,classpred,classpred:vote10,classpred:qe2:vote10 \
+		--shift all --fold-models $(BUNDLES)/cv-unifesp-ssl-all --json $(RESULTS)/unifesp-cv-ssl-all.json --no-progress
 
 # Site shift measured patient-disjoint: every held-out image re-exported (all five changes) and described by its
 # own fold's models; the second target fine-tunes with the same family as augmentation (~20 min each).
