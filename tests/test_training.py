@@ -197,6 +197,38 @@ def test_neighbour_vote_decides_between_equally_likely_classes(trained, finetune
         engine.search_predicted_class("cnn", queries, flat, 10, neighbour_vote=-1)
 
 
+def test_query_expansion_inside_the_predicted_class(trained, finetuned_bundle: Path) -> None:
+    from cbmir.index_build import load_bundle
+    from cbmir.server.query_expansion import QueryExpansion
+    from cbmir.server.search_engine import SearchEngine
+
+    data, _, _ = trained
+    bundle = load_bundle(finetuned_bundle)
+    engine = SearchEngine(bundle, device="cpu")
+    extractor = engine.extractor("cnn")
+    raw = extractor.extract(data.images[:20])
+    queries, probs = extractor.transform(raw), extractor.class_probabilities(raw)
+    exclude = [np.array([i]) for i in range(20)]
+    expansion = QueryExpansion(2)
+    result, predicted = engine.search_predicted_class(
+        "cnn", queries, probs, 10, min_confidence=0.0, exclude=exclude, expansion=expansion, neighbour_vote=5
+    )
+    plain, _ = engine.search_predicted_class(
+        "cnn", queries, probs, 10, min_confidence=0.0, exclude=exclude, neighbour_vote=5
+    )
+    labels = np.asarray(bundle.metadata["label"])
+    assert not np.array_equal(result.rows, plain.rows)
+    assert all(i not in result.rows[i] for i in range(20))
+    for c in np.unique(predicted):
+        sel = np.flatnonzero(predicted == c)
+        in_class = engine.allowed_rows({"label": [extractor.classes[c]]})
+        manual = engine.search(
+            "cnn", queries[sel], 10, allowed=in_class, exclude=[exclude[i] for i in sel], expansion=expansion
+        )
+        np.testing.assert_array_equal(result.rows[sel], manual.rows)
+        assert set(labels[result.rows[sel]].ravel()) == {extractor.classes[c]}
+
+
 def test_multiscale_descriptor_concatenates_stage_features(trained) -> None:
     data, _, ckpt = trained
     ms = create_extractor("cnn", weights=str(ckpt), image_size=64, stages=(1, 2, 3, 4), device="cpu")
