@@ -147,16 +147,22 @@ def test_checkpoint_bundle_records_training_and_restores_identically(trained, fi
     assert restored.can_classify
 
 
-def test_class_predicted_search_stays_in_the_predicted_class(trained, finetuned_bundle: Path) -> None:
+def _finetuned_engine(trained, finetuned_bundle: Path, n: int = 20):
+    """The fine-tuned bundle's engine, its extractor, and the first n training images' descriptors and head
+    probabilities."""
     from cbmir.index_build import load_bundle
     from cbmir.server.search_engine import SearchEngine
 
     data, _, _ = trained
-    bundle = load_bundle(finetuned_bundle)
-    engine = SearchEngine(bundle, device="cpu")
+    engine = SearchEngine(load_bundle(finetuned_bundle), device="cpu")
     extractor = engine.extractor("cnn")
-    raw = extractor.extract(data.images[:20])
-    queries, probs = extractor.transform(raw), extractor.class_probabilities(raw)
+    raw = extractor.extract(data.images[:n])
+    return engine, extractor, extractor.transform(raw), extractor.class_probabilities(raw)
+
+
+def test_class_predicted_search_stays_in_the_predicted_class(trained, finetuned_bundle: Path) -> None:
+    engine, extractor, queries, probs = _finetuned_engine(trained, finetuned_bundle)
+    bundle = engine.bundle
     result, predicted = engine.search_predicted_class("cnn", queries, probs, 10, min_confidence=0.0)
     labels = np.asarray(bundle.metadata["label"])
     assert (predicted >= 0).all()
@@ -198,16 +204,10 @@ def test_neighbour_vote_decides_between_equally_likely_classes(trained, finetune
 
 
 def test_query_expansion_inside_the_predicted_class(trained, finetuned_bundle: Path) -> None:
-    from cbmir.index_build import load_bundle
     from cbmir.server.query_expansion import QueryExpansion
-    from cbmir.server.search_engine import SearchEngine
 
-    data, _, _ = trained
-    bundle = load_bundle(finetuned_bundle)
-    engine = SearchEngine(bundle, device="cpu")
-    extractor = engine.extractor("cnn")
-    raw = extractor.extract(data.images[:20])
-    queries, probs = extractor.transform(raw), extractor.class_probabilities(raw)
+    engine, extractor, queries, probs = _finetuned_engine(trained, finetuned_bundle)
+    bundle = engine.bundle
     exclude = [np.array([i]) for i in range(20)]
     expansion = QueryExpansion(2)
     result, predicted = engine.search_predicted_class(
