@@ -206,7 +206,6 @@ class CNNExtractor(Extractor):
         self.precision = precision
         _check_projection(pca_dim, whiten, site_whiten)
         self.site_whiten: bool | str = site_whiten
-        self.needs_fit = precision == "int8" or bool(self.site_whiten)
         self._int8_model: bytes | None = None
         self._compiled: InferenceRuntime | None = None
         self._compile_lock = threading.Lock()
@@ -237,6 +236,7 @@ class CNNExtractor(Extractor):
         self._pca_mean: np.ndarray | None = None
         self._pca_matrix: np.ndarray | None = None
         self._head: tuple[np.ndarray, np.ndarray] | None = None
+        self.needs_fit = self._fit_pending()
 
     def _create_network(self, *, pretrained: bool) -> torch.nn.Module:
         import timm
@@ -346,10 +346,11 @@ class CNNExtractor(Extractor):
         return out
 
     def fit(self, images: Sequence[np.ndarray]) -> None:
-        """int8: calibrate and quantise the network on archive images (at most 256 of the sample). ``site_whiten``:
+        """int8: calibrate and quantise the network on archive images (at most 256 of the sample), once: a new
+        projection keeps the calibration. ``site_whiten``:
         learn the projection from the sample (at most :data:`~cbmir.extractors.site_whitening.MAX_SAMPLE` images)
         and its re-exports, described by the final (possibly int8) network."""
-        if self.precision == "int8":
+        if self.precision == "int8" and self._int8_model is None:
             step = max(1, len(images) // 256)
             calibration = self.preprocess(list(images[::step][:256]))
             self._int8_model = quantize_int8(self.network, self.image_size, calibration)
@@ -384,7 +385,7 @@ class CNNExtractor(Extractor):
         _check_projection(pca_dim, whiten, site_whiten)
         self.pca_dim, self.whiten, self.site_whiten = int(pca_dim), bool(whiten), site_whiten
         self._pca_mean = self._pca_matrix = None
-        self.needs_fit = self.needs_fit or bool(site_whiten)
+        self.needs_fit = self._fit_pending()
 
     @property
     def can_classify(self) -> bool:
@@ -461,7 +462,6 @@ class CNNExtractor(Extractor):
         self.reset_runtime()
         if "int8_onnx" in state:
             self._int8_model = np.asarray(state["int8_onnx"], dtype=np.uint8).tobytes()
-            self.needs_fit = False
         if net_state:
             self.net.load_state_dict(net_state, strict=True)
         if "pca_matrix" in state:
@@ -469,7 +469,11 @@ class CNNExtractor(Extractor):
             self._pca_matrix = np.asarray(state["pca_matrix"], dtype=np.float32)
         if "head.weight" in state:
             self.set_head(state["head.weight"], state["head.bias"])
-        self.needs_fit = (self.precision == "int8" and self._int8_model is None) or (
+        self.needs_fit = self._fit_pending()
+
+    def _fit_pending(self) -> bool:
+        """True while :meth:`fit` has work left: an int8 network to calibrate or a site whitening to learn."""
+        return (self.precision == "int8" and self._int8_model is None) or (
             bool(self.site_whiten) and self._pca_matrix is None
         )
 

@@ -116,6 +116,21 @@ def test_projection_of_a_fine_tuned_extractor_is_replaced_without_touching_its_h
     assert extractor.transform(raw).shape == (len(data.images), extractor.raw_dim)
 
 
+def test_new_projection_keeps_an_int8_calibration(trained) -> None:
+    data, _, ckpt = trained
+    extractor = create_extractor("cnn", weights=str(ckpt), image_size=64, device="cpu", precision="int8")
+    assert extractor.needs_fit
+    extractor.fit(data.images)
+    calibrated = extractor._int8_model
+    assert calibrated is not None and not extractor.needs_fit
+    extractor.set_projection(16, site_whiten=True)
+    assert extractor.needs_fit
+    extractor.fit(data.images[:40])
+    assert extractor._int8_model is calibrated and extractor.transform(extractor.extract(data.images)).shape[1] == 16
+    extractor.set_projection(16, site_whiten=False)
+    assert not extractor.needs_fit
+
+
 @pytest.fixture(scope="module")
 def finetuned_bundle(trained, unifesp_subset: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     from cbmir.index_build import build_bundle, open_archive
