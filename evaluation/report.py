@@ -111,6 +111,7 @@ CV_DATASETS = (
     ("unifesp-cv-ssl-8epochs.json", ("label",)),
     ("unifesp-cv-ssl.json", ("label",)),
     ("unifesp-cv-ssl-all.json", ("label",)),
+    ("unifesp-cv-ssl-all-224.json", ("label",)),
     ("unifesp-cv-ssl-siteshift.json", ("label",)),
     ("unifesp-cv-ssl-shift.json", ("label",)),
     ("unifesp-cv-ssl-siteshift-shift.json", ("label",)),
