@@ -130,19 +130,19 @@ eval-cv-unifesp-ssl:
 
 # The same start, every training patient used (no early-stopping split: 12 epochs, the cosine schedule's end) and
 # horizontal flips added (a mirrored radiograph shows the same body part); fold models in bundles/cv-unifesp-ssl-all.
+CV_SSL_ALL = cbmir eval --cv-folds 5 --images $(SHARED)/unifesp_bodypart --select single_label=1 --label-field label \
+	--group-field patient_id --epochs 12 --val-fraction 0 --hflip --pretrained-image-size 224 \
+	--weights $(BUNDLES)/unifesp-ssl.pt --methods cnn,finetuned,classpred,classpred:vote10,classpred:qe2:vote10 --no-progress
+
 eval-cv-unifesp-ssl-all:
-	cbmir eval --cv-folds 5 --images $(SHARED)/unifesp_bodypart --select single_label=1 --label-field label \
-		--group-field patient_id --epochs 12 --val-fraction 0 --hflip --image-size 160 --pretrained-image-size 224 \
-		--weights $(BUNDLES)/unifesp-ssl.pt --methods cnn,finetuned,classpred,classpred:vote10,classpred:qe2:vote10 \
-		--shift all --fold-models $(BUNDLES)/cv-unifesp-ssl-all --json $(RESULTS)/unifesp-cv-ssl-all.json --no-progress
+	$(CV_SSL_ALL) --image-size 160 --shift all --fold-models $(BUNDLES)/cv-unifesp-ssl-all \
+		--json $(RESULTS)/unifesp-cv-ssl-all.json
 
 # The same recipe trained and described at 224 px instead of 160 (about 55 min; fold models in
 # bundles/cv-unifesp-ssl-all-224): measured, not adopted.
 eval-cv-unifesp-ssl-all-224:
-	cbmir eval --cv-folds 5 --images $(SHARED)/unifesp_bodypart --select single_label=1 --label-field label \
-		--group-field patient_id --epochs 12 --val-fraction 0 --hflip --image-size 224 --pretrained-image-size 224 \
-		--weights $(BUNDLES)/unifesp-ssl.pt --methods cnn,finetuned,classpred,classpred:vote10,classpred:qe2:vote10 \
-		--fold-models $(BUNDLES)/cv-unifesp-ssl-all-224 --json $(RESULTS)/unifesp-cv-ssl-all-224.json --no-progress
+	$(CV_SSL_ALL) --image-size 224 --fold-models $(BUNDLES)/cv-unifesp-ssl-all-224 \
+		--json $(RESULTS)/unifesp-cv-ssl-all-224.json
 
 # Site shift measured patient-disjoint: every held-out image re-exported (all five changes) and described by its
 # own fold's models; the second target fine-tunes with the same family as augmentation (~20 min each).
