@@ -16,25 +16,48 @@ import pytest
 
 from cbmir.cli import main
 from cbmir.index_build import add_to_bundle, build_bundle, load_bundle, open_archive
-from cbmir.index_build.bundle import resolve_version_dir
+from cbmir.index_build.bundle import Bundle, resolve_version_dir
 from tests.helpers import subset_csv
 
 KILLS = 8
 SLOW_KILLS = 50
+WRITE_PHASE_TRIES = 3
 
 
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "cbmir.cli", *args]
 
 
-def _wait_for_write_phase(path: Path, proc: subprocess.Popen[bytes], timeout: float = 120.0) -> bool:
-    """Block until the writer has created its temporary version folder (the write/commit phase began)."""
+def _wait_for_write_phase(
+    path: Path, proc: subprocess.Popen[bytes], leftovers: set[Path], timeout: float = 120.0
+) -> bool:
+    """Block until the writer has created its own temporary version folder (the write/commit phase began);
+    ``leftovers`` are the folders killed writers left before it started."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
-        if any(path.glob(".tmp-*")):
+        if set(path.glob(".tmp-*")) - leftovers:
             return True
-        time.sleep(0.002)
+        time.sleep(0.0005)
     return False
+
+
+def _check_live_version(path: Path, before: Bundle, expected_count: int, attempt: int) -> None:
+    """The live version loads and verifies, holds the count before or after the operation, and rows that
+    survived are unchanged."""
+    after = load_bundle(path)  # verifies every checksum; raises naming the file otherwise
+    assert len(after) in (len(before), expected_count), (attempt, len(before), len(after))
+    if after.version != before.version:
+        assert after.path.name == after.version and resolve_version_dir(path) == after.path
+    for name, method in after.methods.items():
+        assert method.descriptors.shape == (len(after), method.dim), name
+        assert np.isfinite(method.descriptors).all()
+    common = set(before.ids) & set(after.ids)
+    for rid in list(common)[:20]:
+        np.testing.assert_array_equal(
+            after.methods["hog"].descriptors[after.row_of[rid]],
+            before.methods["hog"].descriptors[before.row_of[rid]],
+        )
+    assert main(["info", "--index", str(path)]) == 0
 
 
 def _kill_at_random_moments(unifesp_subset, tmp_path: Path, kills: int, write_phase_share: float) -> None:
@@ -75,41 +98,36 @@ def _kill_at_random_moments(unifesp_subset, tmp_path: Path, kills: int, write_ph
             return len(before_ids - {"images/00000.png"})
         return 60
 
-    completed = in_write_phase = 0
+    # Every `aim_every`-th attempt aims at the write/commit phase. It runs `build`, the one command that always
+    # writes a version (an add with nothing new or a remove of a missing id writes none), and is retried when the
+    # process finished before it could be killed there, so the share does not depend on the machine's speed.
+    aim_every = max(1, round(1 / write_phase_share))
+    runs = completed = in_write_phase = 0
     for attempt in range(kills):
-        before = load_bundle(path)
-        cmd = (add, remove, build)[attempt % 3]
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        if rng.random() < write_phase_share and _wait_for_write_phase(path, proc):
-            time.sleep(float(rng.uniform(0.0, 0.05)))
-            in_write_phase += 1
-        else:
-            time.sleep(float(rng.uniform(0.5, 6.0)))
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-        else:
-            completed += 1
-        proc.wait()
-        after = load_bundle(path)  # verifies every checksum; raises naming the file otherwise
-        assert len(after) in (len(before), expected_after(cmd, set(before.ids))), (attempt, len(before), len(after))
-        if after.version != before.version:
-            assert after.path.name == after.version and resolve_version_dir(path) == after.path
-        for name, method in after.methods.items():
-            assert method.descriptors.shape == (len(after), method.dim), name
-            assert np.isfinite(method.descriptors).all()
-        common = set(before.ids) & set(after.ids)
-        for rid in list(common)[:20]:
-            np.testing.assert_array_equal(
-                after.methods["hog"].descriptors[after.row_of[rid]],
-                before.methods["hog"].descriptors[before.row_of[rid]],
-            )
-        assert main(["info", "--index", str(path)]) == 0
+        aim_at_write = attempt % aim_every == aim_every - 1
+        cmd = build if aim_at_write else (add, remove, build)[attempt % 3]
+        for _ in range(WRITE_PHASE_TRIES if aim_at_write else 1):
+            before = load_bundle(path)
+            leftovers = set(path.glob(".tmp-*"))
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            caught = aim_at_write and _wait_for_write_phase(path, proc, leftovers)
+            time.sleep(float(rng.uniform(0.0, 0.05) if aim_at_write else rng.uniform(0.5, 6.0)))
+            killed = proc.poll() is None
+            if killed:
+                proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            runs += 1
+            completed += not killed
+            in_write_phase += caught and killed
+            _check_live_version(path, before, expected_after(cmd, set(before.ids)), attempt)
+            if (caught and killed) or not aim_at_write:
+                break
     subprocess.run(add, check=True, capture_output=True)
     final = load_bundle(path)
     assert set(final.ids) >= second_ids
     assert not list(path.glob(".tmp-*")), "a finished update prunes the temporary directories of killed ones"
-    assert kills - completed >= 3, "too few processes were killed mid-way to exercise the crash paths"
-    assert in_write_phase >= write_phase_share * kills / 3, "too few kills landed in the write/commit phase"
+    assert runs - completed >= 3, "too few processes were killed mid-way to exercise the crash paths"
+    assert in_write_phase >= kills // aim_every / 2, "too few kills landed in the write/commit phase"
 
 
 def test_sigkill_at_random_points_never_corrupts_the_bundle(unifesp_subset, tmp_path: Path) -> None:
