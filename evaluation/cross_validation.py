@@ -69,6 +69,14 @@ def _fold_identity(
     }
 
 
+def _without_weights_path(identity: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The identity with the start weights known by content only, so ``bundles/x.pt`` and ``/abs/bundles/x.pt``
+    (or a copy elsewhere) name the same training."""
+    if identity is None:
+        return None
+    return {**identity, "config": {k: v for k, v in identity.get("config", {}).items() if k != "weights"}}
+
+
 def _load_fold_model(
     path: Path, identity: dict[str, Any], config: TrainConfig, device: str, runtime: str, precision: str
 ) -> CNNExtractor | None:
@@ -76,7 +84,7 @@ def _load_fold_model(
     if not path.is_file():
         return None
     extractor = _checkpoint_extractor(path, config, device, runtime, precision)
-    if (extractor.training or {}).get("cross_validation") != identity:
+    if _without_weights_path((extractor.training or {}).get("cross_validation")) != _without_weights_path(identity):
         log.info("%s was trained with another configuration or split: training again", path)
         return None
     log.info("fold model reused from %s", path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -351,6 +352,19 @@ def test_cross_validation_reuses_fold_models_only_when_trained_alike(unifesp_sub
     changed = run(TrainConfig(**{**config.__dict__, "lr": 1e-3}))
     assert not any("reused" in f for f in changed["folds"])
     assert all(p.stat().st_mtime_ns != stamps[p] for p in models.iterdir())
+
+    # start weights are known by content: the same file under another path reuses, other content trains again
+    start = tmp_path / "start.pt"
+    shutil.copyfile(models / "fold-0-of-2.pt", start)
+    from_file = TrainConfig(**{**config.__dict__, "weights": str(start)})
+    models = tmp_path / "from-file"
+    assert not any("reused" in f for f in run(from_file)["folds"])
+    moved = tmp_path / "elsewhere" / "start.pt"
+    moved.parent.mkdir()
+    shutil.copyfile(start, moved)
+    assert all("reused" in f for f in run(TrainConfig(**{**config.__dict__, "weights": str(moved)}))["folds"])
+    shutil.copyfile(models / "fold-1-of-2.pt", moved)
+    assert not any("reused" in f for f in run(TrainConfig(**{**config.__dict__, "weights": str(moved)}))["folds"])
 
 
 def test_server_answers_class_predicted_search(trained, finetuned_bundle: Path) -> None:
