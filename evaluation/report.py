@@ -119,6 +119,22 @@ CV_DATASETS = (
 )
 
 
+def cv_results(results: Path) -> list[tuple[Path, tuple[str, ...]]]:
+    """Cross-validation result files of ``results`` with the relevances to tabulate: the curated ones of
+    ``CV_DATASETS`` in that order, then any other file ``cbmir eval --cv-folds`` wrote, by name."""
+    listed: list[tuple[Path, tuple[str, ...]]] = [
+        (results / name, rels) for name, rels in CV_DATASETS if (results / name).exists()
+    ]
+    known = {name for name, _ in CV_DATASETS} | {name for name, _ in DATASETS}
+    for path in sorted(results.glob("*.json")):
+        if path.name in known or path.name.startswith("shift-"):
+            continue
+        doc = json.loads(path.read_text())
+        if isinstance(doc, dict) and "folds" in doc:
+            listed.append((path, tuple(dict.fromkeys(r["relevance"] for r in doc.get("results", [])))))
+    return listed
+
+
 def cv_table(path: Path, relevances: tuple[str, ...]) -> str:
     """Cross-validation results: every method on the same held-out queries, plus per-fold training."""
     doc = json.loads(path.read_text())
@@ -210,13 +226,11 @@ def main(argv: list[str] | None = None) -> None:
             print(f"## {name.removesuffix('.json')}\n")
             print(quality_table(path, columns))
             print(worst_classes_table(path, list(columns)[-1]))
-    for name, rels in CV_DATASETS:
-        path = results / name
-        if path.exists():
-            print(f"## {name.removesuffix('.json')} (group k-fold cross-validation, fine-tuned methods)\n")
-            print(cv_table(path, rels))
-            if "site_shift" in json.loads(path.read_text()):
-                print(shift_table(path))
+    for path, rels in cv_results(results):
+        print(f"## {path.stem} (group k-fold cross-validation, fine-tuned methods)\n")
+        print(cv_table(path, rels))
+        if "site_shift" in json.loads(path.read_text()):
+            print(shift_table(path))
     for path in sorted(results.glob("shift-*.json")):
         print(f"## {path.stem} (site shift)\n")
         print(shift_table(path))

@@ -306,7 +306,9 @@ def test_cross_validation_queries_every_image_once_without_its_patient(unifesp_s
         assert r["seed_mAP"] == round(seed_map(labels[rows] == labels[:, None]), 6), r["method"]
 
 
-def test_cross_validation_reuses_fold_models_only_when_trained_alike(unifesp_subset, tmp_path: Path) -> None:
+def test_cross_validation_reuses_fold_models_only_when_trained_alike(
+    unifesp_subset, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from cbmir.evaluation.cross_validation import cross_validate
     from cbmir.index_build import open_archive
     from cbmir.training.dataset import decode_archive
@@ -348,6 +350,10 @@ def test_cross_validation_reuses_fold_models_only_when_trained_alike(unifesp_sub
         written = tmp_path / "cv.json"
         written.write_text(json.dumps({k: v for k, v in doc.items() if k != "rankings"}))
         assert ("2 fold models reused" in cv_table(written, ("label",))) is note
+    from cbmir.evaluation.report import main as report
+
+    report(["--results", str(tmp_path)])  # a CV result under a name the curated list lacks is still reported
+    assert "## cv (group k-fold cross-validation" in capsys.readouterr().out
 
     changed = run(TrainConfig(**{**config.__dict__, "lr": 1e-3}))
     assert not any("reused" in f for f in changed["folds"])
