@@ -71,12 +71,10 @@ def _fold_identity(
 
 def _without_weights_path(identity: dict[str, Any] | None) -> dict[str, Any] | None:
     """The identity with the start weights known by content only, so ``bundles/x.pt`` and ``/abs/bundles/x.pt``
-    (or a copy elsewhere) name the same training; a setting added after the model was saved counts at its
-    default."""
+    (or a copy elsewhere) name the same training."""
     if identity is None:
         return None
-    config = {**asdict(TrainConfig()), **identity.get("config", {})}
-    return {**identity, "config": {k: v for k, v in config.items() if k != "weights"}}
+    return {**identity, "config": {k: v for k, v in identity.get("config", {}).items() if k != "weights"}}
 
 
 def _load_fold_model(

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from cbmir.defaults import DEFAULT_MODEL, INTENSITY_MODES, OFFLINE_WEIGHTS
-from cbmir.errors import InvalidInputError
 from cbmir.options import option
 
 
@@ -29,10 +28,6 @@ class TrainConfig:
         label_smoothing: cross-entropy label smoothing.
         val_fraction: share of groups (patients) held out for early stopping; 0 trains for ``epochs``.
         patience: epochs without a better validation mAP before stopping.
-        label_filter: drop a training image when fewer than this share of its label_filter_k nearest training
-            images from other groups (patients), described by the start weights, carry its label; 0 keeps every
-            image. For noisy archive labels (a catch-all class, DICOM BodyPartExamined); 0.1 drops the clearest.
-        label_filter_k: neighbours label_filter compares with.
         hflip: add horizontal flips to the augmentation.
         site_shift: augment with the site-shift family of cbmir eval --shift too (windows, gamma, JPEG,
             resize, noise; each change with probability 0.5); self-supervised training always does.
@@ -64,8 +59,6 @@ class TrainConfig:
     label_smoothing: float = 0.1
     val_fraction: float = 0.15
     patience: int = 3
-    label_filter: float = 0.0
-    label_filter_k: int = 10
     hflip: bool = False
     site_shift: bool = False
     self_supervised: bool = False
@@ -73,12 +66,3 @@ class TrainConfig:
     projection_dim: int = 128
     seed: int = 0
     device: str = "auto"
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.label_filter <= 1.0 or self.label_filter_k < 1:
-            raise InvalidInputError(
-                f"--label-filter must be a share in [0, 1] (got {self.label_filter}) and --label-filter-k at least 1"
-                f" (got {self.label_filter_k})"
-            )
-        if self.label_filter and self.self_supervised:
-            raise InvalidInputError("--label-filter compares labels, which --self-supervised training has none of")

@@ -28,7 +28,6 @@ from cbmir.extractors.cnn import CHECKPOINT_FORMAT, CNNExtractor
 
 from .augment import radiograph_augmentation
 from .config import TrainConfig
-from .label_noise import keep_consistent_labels
 from .losses import supervised_contrastive_loss
 from .reexport import random_reexport
 from .splits import group_codes, group_split
@@ -227,20 +226,6 @@ def train_extractor(
     pixels = torch.from_numpy(extractor.preprocess(images))
     y = torch.from_numpy(y_all)
     val_pixels = pixels[val_idx]
-    dropped: dict[str, int] = {}
-    if config.label_filter > 0:
-        keep = keep_consistent_labels(
-            describe_pixels(extractor, pixels[train_idx]),
-            y_all[train_idx],
-            g_all[train_idx],
-            k=config.label_filter_k,
-            min_share=config.label_filter,
-        )
-        dropped = {
-            classes[c]: int(n) for c, n in enumerate(np.bincount(y_all[train_idx[~keep]], minlength=len(classes))) if n
-        }
-        train_idx = train_idx[keep]
-        log.info("label filter: %d of %d training images dropped %s", int((~keep).sum()), len(keep), dropped)
 
     counts = np.bincount(y_all[train_idx], minlength=len(classes)).astype(np.float64)
     sample_weight = 1.0 / counts[y_all[train_idx]]
@@ -330,7 +315,6 @@ def train_extractor(
         val_images=int(len(val_idx)),
         best_epoch=best_epoch,
         best_val_mAP=round(best_map, 5) if len(val_idx) else None,
-        label_filter_dropped=dropped,
         history=history,
     )
     seconds = training["seconds"]
