@@ -140,15 +140,20 @@ def cv_table(path: Path, relevances: tuple[str, ...]) -> str:
     doc = json.loads(path.read_text())
     results = {(r["method"], r["relevance"]): r for r in doc["results"]}
     methods = list(dict.fromkeys(r["method"] for r in doc["results"]))
+    summary = dict(doc.get("summary") or {})
+    search_ms = summary.pop("search_ms_per_query", {})
+    timed = " search ms/query |" if search_ms else ""
     lines = [
-        "| method | " + " | ".join(f"{rel}: seed mAP | AP@10 | P@1" for rel in relevances) + " |",
-        "|---|" + "---|---|---|" * len(relevances),
+        "| method | " + " | ".join(f"{rel}: seed mAP | AP@10 | P@1" for rel in relevances) + " |" + timed,
+        "|---|" + "---|---|---|" * len(relevances) + ("---|" if search_ms else ""),
     ]
     for m in methods:
         cells = []
         for rel in relevances:
             r = results.get((m, rel))
             cells += ["", "", ""] if r is None else [f"{r['seed_mAP']:.4f}", f"{r['AP@10']:.4f}", f"{r['mP@k'][0]:.4f}"]
+        if search_ms:
+            cells.append(f"{search_ms[m]:.3f}" if m in search_ms else "")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     cfg = doc["config"]
     reused = sum(1 for f in doc["folds"] if f.get("reused"))
@@ -172,11 +177,10 @@ def cv_table(path: Path, relevances: tuple[str, ...]) -> str:
             f"| {f['fold']} | {f['queries']} | {f['train_images']} | {f.get('epochs_run', '')} "
             f"| {f.get('best_epoch', '')} | {f.get('best_val_mAP', '')} | {f.get('train_s', '')} |"
         )
-    if doc.get("summary"):
+    if summary:
         flat = [
-            f"{k} {inner} {v2}" if isinstance(v, dict) else f"{k} {v}"
-            for k, v in doc["summary"].items()
-            for inner, v2 in (v.items() if isinstance(v, dict) else [(None, None)])
+            f"{k} ({', '.join(f'{inner} {v2}' for inner, v2 in v.items())})" if isinstance(v, dict) else f"{k} {v}"
+            for k, v in summary.items()
         ]
         lines += ["", "Summary: " + ", ".join(flat)]
     return "\n".join(lines) + "\n"

@@ -350,7 +350,12 @@ def test_cross_validation_reuses_fold_models_only_when_trained_alike(
     for doc, note in ((first, False), (again, True)):
         written = tmp_path / "cv.json"
         written.write_text(json.dumps({k: v for k, v in doc.items() if k != "rankings"}))
-        assert ("2 fold models reused" in cv_table(written, ("label",))) is note
+        table = cv_table(written, ("label",))
+        assert ("2 fold models reused" in table) is note
+        rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines() if line.startswith("| ")}
+        assert "search ms/query" in rows["method"] and "search_ms_per_query" not in table
+        for method, ms in doc["summary"]["search_ms_per_query"].items():
+            assert rows[method].endswith(f"| {ms:.3f} |"), rows[method]
     report(["--results", str(tmp_path)])  # a CV result under a name the curated list lacks is still reported
     assert "## cv (group k-fold cross-validation" in capsys.readouterr().out
 
