@@ -4,7 +4,7 @@ SHARED ?= ../shared/data
 BUNDLES ?= bundles
 RESULTS ?= docs/results
 
-.PHONY: setup demo test test-slow lint proto eval eval-mednist eval-unifesp eval-cv eval-cv-unifesp eval-cv-unifesp-ssl eval-cv-unifesp-ssl-all eval-cv-unifesp-ssl-all-224 eval-cv-unifesp-ssl-lite1 eval-cv-unifesp-shift eval-cv-unifesp-shift-trained eval-cv-mednist eval-runtimes eval-unifesp-qe eval-unifesp-ssl eval-mednist-ssl eval-site-whiten bench bench-bundle \
+.PHONY: setup demo test test-slow lint proto eval eval-mednist eval-unifesp eval-cv eval-cv-unifesp eval-cv-unifesp-qe eval-cv-unifesp-ssl eval-cv-unifesp-ssl-all eval-cv-unifesp-ssl-all-224 eval-cv-unifesp-ssl-lite1 eval-cv-unifesp-shift eval-cv-unifesp-shift-trained eval-cv-mednist eval-runtimes eval-unifesp-qe eval-unifesp-ssl eval-mednist-ssl eval-site-whiten bench bench-bundle \
 	soak report clean
 
 # Debian's chromium drives the page test (tests/test_ui.py); installed when missing and apt-get is at hand (root).
@@ -119,6 +119,13 @@ eval-cv-unifesp:
 		--group-field patient_id --epochs 8 --patience 3 --image-size 160 --pretrained-image-size 224 \
 		--methods cnn,hog,bovw,cnn+hog,finetuned,finetuned+hog,multiscale,hashing,classpred \
 		--json $(RESULTS)/unifesp-cv.json --no-progress
+
+# The same fine-tuning in its own run with query expansion and k-reciprocal re-ranking on every method (~15 min).
+eval-cv-unifesp-qe:
+	cbmir eval --cv-folds 5 --images $(SHARED)/unifesp_bodypart --select single_label=1 --label-field label \
+		--group-field patient_id --epochs 8 --patience 3 --image-size 160 --pretrained-image-size 224 \
+		--methods cnn,cnn:qe2:kr20,finetuned,finetuned:qe2,finetuned:kr20,finetuned:qe2:kr20,classpred,classpred:qe2:kr20 \
+		--json $(RESULTS)/unifesp-cv-qe.json --no-progress
 
 # Fine-tuning per fold started from the label-free checkpoint of eval-unifesp-ssl instead of ImageNet, 15 epochs
 # (~27 min); classpred:vote10 predicts the class from the head and the query's 10 nearest images. The fold models
