@@ -114,16 +114,18 @@ eval-site-whiten:
 
 eval-cv: eval-cv-unifesp eval-cv-mednist
 
+# UNIFESP 5-fold patient CV, each fold fine-tuned at most 8 epochs with early stopping (ImageNet start unless --weights).
+CV_UNIFESP_8 = cbmir eval --cv-folds 5 --images $(SHARED)/unifesp_bodypart --select single_label=1 --label-field label \
+	--group-field patient_id --epochs 8 --patience 3 --image-size 160 --pretrained-image-size 224
+
 eval-cv-unifesp:
-	cbmir eval --cv-folds 5 --images $(SHARED)/unifesp_bodypart --select single_label=1 --label-field label \
-		--group-field patient_id --epochs 8 --patience 3 --image-size 160 --pretrained-image-size 224 \
+	$(CV_UNIFESP_8) \
 		--methods cnn,hog,bovw,cnn+hog,finetuned,finetuned+hog,multiscale,hashing,classpred \
 		--json $(RESULTS)/unifesp-cv.json --no-progress
 
 # The same fine-tuning in its own run with query expansion and k-reciprocal re-ranking on every method (~15 min).
 eval-cv-unifesp-qe:
-	cbmir eval --cv-folds 5 --images $(SHARED)/unifesp_bodypart --select single_label=1 --label-field label \
-		--group-field patient_id --epochs 8 --patience 3 --image-size 160 --pretrained-image-size 224 \
+	$(CV_UNIFESP_8) \
 		--methods cnn,cnn:qe2:kr20,finetuned,finetuned:qe2,finetuned:kr20,finetuned:qe2:kr20,classpred,classpred:qe2:kr20 \
 		--json $(RESULTS)/unifesp-cv-qe.json --no-progress
 
@@ -165,8 +167,7 @@ eval-cv-unifesp-ssl-lite1: $(BUNDLES)/unifesp-ssl-lite1.pt
 
 # Site shift measured patient-disjoint: every held-out image re-exported (all five changes) and described by its
 # own fold's models; the second target fine-tunes with the same family as augmentation (~20 min each).
-CV_SHIFT = cbmir eval --cv-folds 5 --images $(SHARED)/unifesp_bodypart --select single_label=1 --label-field label \
-	--group-field patient_id --epochs 8 --patience 3 --image-size 160 --pretrained-image-size 224 \
+CV_SHIFT = $(CV_UNIFESP_8) \
 	--weights $(BUNDLES)/unifesp-ssl.pt --methods cnn,finetuned,classpred,classpred:vote10 --shift all --no-progress
 
 eval-cv-unifesp-shift:
