@@ -71,10 +71,11 @@ def _fold_identity(
 
 def _without_weights_path(identity: dict[str, Any] | None) -> dict[str, Any] | None:
     """The identity with the start weights known by content only, so ``bundles/x.pt`` and ``/abs/bundles/x.pt``
-    (or a copy elsewhere) name the same training."""
+    (or a copy elsewhere) name the same training, and settings added since a model was saved at their defaults."""
     if identity is None:
         return None
-    return {**identity, "config": {k: v for k, v in identity.get("config", {}).items() if k != "weights"}}
+    config = {**asdict(TrainConfig()), **identity.get("config", {})}
+    return {**identity, "config": {k: v for k, v in config.items() if k != "weights"}}
 
 
 def _load_fold_model(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from cbmir.defaults import DEFAULT_MODEL, INTENSITY_MODES, OFFLINE_WEIGHTS
+from cbmir.errors import InvalidInputError
 from cbmir.options import option
 
 
@@ -26,6 +27,8 @@ class TrainConfig:
         supcon_weight: weight of the supervised contrastive loss next to cross-entropy.
         temperature: supervised contrastive temperature.
         label_smoothing: cross-entropy label smoothing.
+        ema_decay: fine-tune with an exponential moving average of the weights with this decay (e.g. 0.995):
+            validation and the checkpoint use the average; 0 uses the weights as trained.
         val_fraction: share of groups (patients) held out for early stopping; 0 trains for ``epochs``.
         patience: epochs without a better validation mAP before stopping.
         hflip: add horizontal flips to the augmentation.
@@ -57,6 +60,7 @@ class TrainConfig:
     supcon_weight: float = 1.0
     temperature: float = 0.1
     label_smoothing: float = 0.1
+    ema_decay: float = 0.0
     val_fraction: float = 0.15
     patience: int = 3
     hflip: bool = False
@@ -66,3 +70,9 @@ class TrainConfig:
     projection_dim: int = 128
     seed: int = 0
     device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise InvalidInputError(
+                f"--ema-decay must be in [0, 1) (0 trains without averaging, 0.995 is typical), got {self.ema_decay}"
+            )

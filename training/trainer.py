@@ -7,6 +7,7 @@ preprocessing that indexing and queries use, and the checkpoint loads back as ``
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -28,6 +29,7 @@ from cbmir.extractors.cnn import CHECKPOINT_FORMAT, CNNExtractor
 
 from .augment import radiograph_augmentation
 from .config import TrainConfig
+from .ema import WeightAverage
 from .losses import supervised_contrastive_loss
 from .reexport import random_reexport
 from .splits import group_codes, group_split
@@ -236,6 +238,7 @@ def train_extractor(
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     ce = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    average = WeightAverage([net, head], config.ema_decay) if config.ema_decay else None
 
     history: list[dict[str, float]] = []
     best_map, best_epoch, best_state, best_head, stale, step = -1.0, 0, None, None, 0, 0
@@ -270,6 +273,8 @@ def train_extractor(
                 )
                 loss = loss_ce + config.supcon_weight * loss_sc
             optimiser_step(loss, optimizer, scaler, scheduler)
+            if average is not None:
+                average.update()
             step += 1
             n_batches += 1
             sums["loss"] += float(loss.detach())
@@ -281,19 +286,22 @@ def train_extractor(
                 break
         row = {"epoch": epoch, **{k: round(v / max(1, n_batches), 5) for k, v in sums.items()}}
         row["train_s"] = round(time.perf_counter() - t_epoch, 1)
-        if len(val_idx):
-            row["val_mAP"] = round(
-                retrieval_map(describe_pixels(extractor, val_pixels), y_all[val_idx], g_all[val_idx]), 5
-            )
+        with average.applied() if average is not None else contextlib.nullcontext():
+            if len(val_idx):
+                row["val_mAP"] = round(
+                    retrieval_map(describe_pixels(extractor, val_pixels), y_all[val_idx], g_all[val_idx]), 5
+                )
+            score = row.get("val_mAP", float("nan"))
+            if not math.isfinite(score):  # no validation split, or one too small to rank: the latest epoch wins
+                score = float(epoch)
+            if score > best_map:
+                best_map, best_epoch = score, epoch
+                best_state = copy.deepcopy({k: v.detach().cpu() for k, v in net.state_dict().items()})
+                best_head = {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}
         history.append(row)
         log.info("epoch %d: %s", epoch, ", ".join(f"{k} {v}" for k, v in row.items() if k != "epoch"))
-        score = row.get("val_mAP", float("nan"))
-        if not math.isfinite(score):  # no validation split, or one too small to rank: the latest epoch wins
-            score = float(epoch)
-        if score > best_map:
-            best_map, best_epoch, stale = score, epoch, 0
-            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in net.state_dict().items()})
-            best_head = {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}
+        if best_epoch == epoch:
+            stale = 0
         else:
             stale += 1
             if len(val_idx) and stale >= config.patience:
