@@ -57,6 +57,12 @@ def test_decay_outside_the_unit_interval_is_refused_with_the_option_name(decay: 
         WeightAverage([torch.nn.Linear(1, 1)], decay=decay)
 
 
+def test_self_supervised_training_refuses_an_average_it_would_not_use() -> None:
+    with pytest.raises(InvalidInputError, match="--self-supervised"):
+        TrainConfig(self_supervised=True, ema_decay=0.99)
+    assert TrainConfig(self_supervised=True).ema_decay == 0.0
+
+
 def _start_weights(config: TrainConfig) -> dict[str, torch.Tensor]:
     """The backbone's weights before any training step."""
     from cbmir.training.trainer import new_extractor

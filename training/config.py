@@ -76,3 +76,5 @@ class TrainConfig:
             raise InvalidInputError(
                 f"--ema-decay must be in [0, 1) (0 trains without averaging, 0.995 is typical), got {self.ema_decay}"
             )
+        if self.ema_decay and self.self_supervised:
+            raise InvalidInputError("--ema-decay averages fine-tuning weights; drop it with --self-supervised")

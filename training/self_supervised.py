@@ -78,7 +78,7 @@ def train_self_supervised(
         images: N 2-D float32 images in [0, 1].
         groups: (N,) patient (or other group) per image, or None; with ``config.group_positives`` one group's
             images are positives of each other, and the held-out diagnostic never splits a group.
-        config: the run's settings (``supcon_weight``, ``label_smoothing``, ``ema_decay`` and ``patience`` are not used).
+        config: the run's settings (``supcon_weight``, ``label_smoothing`` and ``patience`` are not used).
         progress: show a progress bar per epoch.
         max_steps: stop after this many optimisation steps in total (tests, smoke runs).
         runtime: inference runtime of the trained extractor's ``extract``.
