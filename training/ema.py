@@ -31,19 +31,18 @@ class WeightAverage:
         self._live = [t for m in self.modules for t in m.state_dict(keep_vars=True).values()]
         self._average = [t.detach().clone() for t in self._live]
         self._floating = [i for i, t in enumerate(self._live) if t.is_floating_point()]
+        self._counters = [i for i, t in enumerate(self._live) if not t.is_floating_point()]
 
     @torch.no_grad()
     def update(self) -> None:
         """Fold the live weights into the average (call after every optimiser step)."""
         self.steps += 1
         weight = 1.0 - min(self.decay, (1 + self.steps) / (10 + self.steps))
-        floating = set(self._floating)
         torch._foreach_lerp_(
             [self._average[i] for i in self._floating], [self._live[i].detach() for i in self._floating], weight
         )
-        for i, live in enumerate(self._live):
-            if i not in floating:
-                self._average[i].copy_(live)
+        for i in self._counters:
+            self._average[i].copy_(self._live[i])
 
     @contextmanager
     def applied(self) -> Iterator[None]:
