@@ -25,24 +25,23 @@ class WeightAverage:
     def __init__(self, modules: Sequence[torch.nn.Module], decay: float) -> None:
         if not 0.0 < decay < 1.0:
             raise InvalidInputError(f"the average's decay must be in (0, 1), e.g. 0.995; got {decay}")
-        self.modules = list(modules)
         self.decay = decay
         self.steps = 0
-        self._live = [t for m in self.modules for t in m.state_dict(keep_vars=True).values()]
+        self._live = [t for m in modules for t in m.state_dict(keep_vars=True).values()]
         self._average = [t.detach().clone() for t in self._live]
-        self._floating = [i for i, t in enumerate(self._live) if t.is_floating_point()]
-        self._counters = [i for i, t in enumerate(self._live) if not t.is_floating_point()]
+        pairs = list(zip(self._average, self._live, strict=True))
+        self._floating_average = [a for a, t in pairs if t.is_floating_point()]
+        self._floating_live = [t.detach() for _, t in pairs if t.is_floating_point()]
+        self._counters = [(a, t) for a, t in pairs if not t.is_floating_point()]
 
     @torch.no_grad()
     def update(self) -> None:
         """Fold the live weights into the average (call after every optimiser step)."""
         self.steps += 1
         weight = 1.0 - min(self.decay, (1 + self.steps) / (10 + self.steps))
-        torch._foreach_lerp_(
-            [self._average[i] for i in self._floating], [self._live[i].detach() for i in self._floating], weight
-        )
-        for i in self._counters:
-            self._average[i].copy_(self._live[i])
+        torch._foreach_lerp_(self._floating_average, self._floating_live, weight)
+        for average, live in self._counters:
+            average.copy_(live)
 
     @contextmanager
     def applied(self) -> Iterator[None]:
