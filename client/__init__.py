@@ -316,7 +316,11 @@ class RetrievalClient:
             )
 
     def add_images(self, items: Iterable[IngestItem], *, timeout: float | None = None) -> pb.AddImagesResponse:
-        """Stream images into the index (admin token): one durable version, one result per item, in order."""
+        """Stream images into the index (admin token): one durable version, one result per item, in order.
+
+        The stream closes with an ``end_of_stream`` message, so a stream cut short by an exception in ``items``
+        writes nothing.
+        """
 
         def requests() -> Iterator[pb.AddImageRequest]:
             for item in items:
@@ -326,6 +330,7 @@ class RetrievalClient:
                 elif item.pixels is not None:
                     request.pixels.CopyFrom(build_request(pixels=item.pixels).pixels)
                 yield request
+            yield pb.AddImageRequest(end_of_stream=True)
 
         with _raising_retrieval_errors():
             return self.stub.AddImages(requests(), timeout=timeout or self.timeout, metadata=self.metadata)

@@ -20,17 +20,27 @@ def read_items(
 ) -> tuple[list[ImageRecord], dict[str, str], list[str]]:
     """Decode every item of the stream (the whole stream is read before anything is written).
 
+    The stream must close with ``end_of_stream`` set on its last message: gRPC may report a client that stopped
+    mid-stream as a clean end (grpc/grpc#33038), so only the marker tells a finished stream from a broken one.
+
     Returns:
         The decodable images, per id the reason an item was refused, and the ids in request order.
 
     Raises:
-        InvalidInputError: more items than ``max_ingest_items`` (checked as they arrive).
+        InvalidInputError: more items than ``max_ingest_items`` (checked as they arrive), a message after the
+            end marker, or a stream that ended without it.
     """
     records: list[ImageRecord] = []
     errors: dict[str, str] = {}
     order: list[str] = []
-    for n, item in enumerate(items, start=1):
-        if n > config.max_ingest_items:
+    ended = False
+    for item in items:
+        if ended:
+            raise InvalidInputError("AddImages message after the one with end_of_stream set; nothing was written")
+        ended = item.end_of_stream
+        if ended and not item.id and item.WhichOneof("content") is None and not item.metadata:
+            continue
+        if len(order) >= config.max_ingest_items:
             raise InvalidInputError(f"more than {config.max_ingest_items} images in one AddImages stream; split it")
         order.append(item.id[:MAX_VALUE_CHARS])
         try:
@@ -56,6 +66,11 @@ def read_items(
             errors[item.id[:MAX_VALUE_CHARS]] = str(exc)
             continue
         records.append(ImageRecord(item.id, f"ingest://{item.id}", image, dict(item.metadata)))
+    if not ended:
+        raise InvalidInputError(
+            "the AddImages stream ended without end_of_stream set on its last message, as a client that stopped "
+            "mid-stream does; nothing was written: set end_of_stream on the last message (RetrievalClient does)"
+        )
     return records, errors, order
 
 

@@ -18,6 +18,8 @@ from cbmir.client import IngestItem, RetrievalClient
 from cbmir.index_build import build_bundle, load_bundle, open_archive
 from cbmir.server.config import ServerConfig
 from cbmir.server.startup import start_server
+from cbmir.v1 import retrieval_pb2 as pb
+from cbmir.v1 import retrieval_pb2_grpc as pb_grpc
 from tests.helpers import UNIFESP, require, serve_subprocess
 
 
@@ -201,5 +203,32 @@ def test_a_stream_that_breaks_mid_way_writes_nothing(hog_bundle: Path) -> None:
             client.add_images(breaking())
         time.sleep(0.5)  # let the server notice the cancelled stream
         assert client.index_info().version == version and len(load_bundle(hog_bundle)) == 20
+    finally:
+        running.stop(0)
+
+
+def test_only_a_stream_closed_by_its_end_marker_is_written(hog_bundle: Path) -> None:
+    running = start_server(ServerConfig(index=str(hog_bundle), port=0, device="cpu"), wait_ready=True)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = pb_grpc.RetrievalStub(channel)
+            (first, second) = [pb.AddImageRequest(id=i, image=data) for i, data in new_images(150, 2)]
+            version = stub.GetIndexInfo(pb.GetIndexInfoRequest()).version
+            refused = {
+                "no end marker": [first, second],
+                "a message after the end marker": [first, pb.AddImageRequest(end_of_stream=True), second],
+            }
+            for why, stream in refused.items():
+                with pytest.raises(grpc.RpcError) as raised:
+                    stub.AddImages(iter(stream), timeout=30)
+                assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT, why
+                assert "end_of_stream" in raised.value.details() and "nothing was written" in raised.value.details()
+                assert stub.GetIndexInfo(pb.GetIndexInfoRequest()).version == version, why
+            marked_last = pb.AddImageRequest()
+            marked_last.CopyFrom(second)
+            marked_last.end_of_stream = True
+            reply = stub.AddImages(iter([first, marked_last]), timeout=30)
+        assert [(r.id, r.status) for r in reply.results] == [(first.id, "added"), (second.id, "added")]
+        assert len(load_bundle(hog_bundle)) == 22
     finally:
         running.stop(0)

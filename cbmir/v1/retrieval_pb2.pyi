@@ -625,10 +625,13 @@ class AddImageRequest(_message.Message):
     IMAGE_FIELD_NUMBER: _builtins.int
     PIXELS_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
+    END_OF_STREAM_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """stable archive id, at most 1,024 characters"""
     image: _builtins.bytes
     """PNG, JPEG or DICOM bytes (DICOM decoded with the bundle's windows)"""
+    end_of_stream: _builtins.bool
+    """set on the last message (which may carry no image): a stream that"""
     @_builtins.property
     def pixels(self) -> Global___PixelArray: ...
     @_builtins.property
@@ -642,10 +645,11 @@ class AddImageRequest(_message.Message):
         image: _builtins.bytes = ...,
         pixels: Global___PixelArray | None = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        end_of_stream: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "image", b"image", "pixels", b"pixels"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "id", b"id", "image", b"image", "metadata", b"metadata", "pixels", b"pixels"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "end_of_stream", b"end_of_stream", "id", b"id", "image", b"image", "metadata", b"metadata", "pixels", b"pixels"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_content: _TypeAlias = _typing.Literal["image", "pixels"]  # noqa: Y015
     _WhichOneofArgType_content: _TypeAlias = _typing.Literal["content", b"content"]  # noqa: Y015
