@@ -26,7 +26,7 @@ class NotReadyError(CbmirError):
 
 
 class BackendUnavailableError(CbmirError):
-    """The search backend (Milvus) cannot be reached or failed; the caller may retry."""
+    """An engine this package drives (Milvus search, a local Ray) cannot be reached or started; retry later."""
 
 
 class OverloadedError(CbmirError):

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from cbmir.checksums import sha256_pixels
-from cbmir.errors import InvalidInputError
+from cbmir.errors import BackendUnavailableError, InvalidInputError
 from cbmir.extractors import Extractor, extractor_class
 from cbmir.extractors.imaging import DicomWindows
 
@@ -34,9 +34,12 @@ from .build import Extraction
 log = logging.getLogger("cbmir.build")
 
 RAY_RETRIES = 3
+"""Times a decode task or an extractor actor is retried or restarted after its worker died."""
 DECODE_CPUS = 0.5
 """CPUs a decode task asks Ray for (reading and decoding is lighter than describing)."""
-"""Times a decode task or an extractor actor is retried or restarted after its worker died."""
+LOCAL_START_ATTEMPTS = 3
+"""Tries to start a local Ray: its start waits a fixed 30 s for the GCS and for the raylet, which a busy machine
+can overrun (``RAY_gcs_server_port_wait_time_s`` lengthens the first wait)."""
 
 
 @dataclass(frozen=True)
@@ -135,15 +138,29 @@ def start_ray(address: str | None, num_cpus: int | None = None) -> Any:
     except ImportError as exc:
         raise InvalidInputError("--ray needs Ray Data: pip install 'ray[data]'") from exc
     address = address or os.environ.get("RAY_ADDRESS") or None
-    if not ray.is_initialized():
-        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
-        if address is None:
-            kwargs["num_cpus"] = num_cpus or os.cpu_count() or 1
+    if ray.is_initialized():
+        return ray
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
+    if address is not None:
         try:
             ray.init(address=address, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise InvalidInputError(f"cannot join the Ray cluster at {address!r}: {exc}") from exc
-    return ray
+        return ray
+    kwargs["num_cpus"] = num_cpus or os.cpu_count() or 1
+    for attempt in range(1, LOCAL_START_ATTEMPTS + 1):
+        try:
+            ray.init(**kwargs)
+            return ray
+        except Exception as exc:  # Ray raises RuntimeError or a bare Exception when its start times out
+            if "timed out" not in str(exc).lower():
+                raise
+            ray.shutdown()
+            log.warning("local Ray did not start (attempt %d of %d): %s", attempt, LOCAL_START_ATTEMPTS, exc)
+    raise BackendUnavailableError(
+        f"a local Ray did not start in {LOCAL_START_ATTEMPTS} tries (the machine may be too busy): run "
+        "`ray start --head` and pass --ray auto, or build without --ray"
+    )
 
 
 def extract_archive_ray(

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import csv
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +15,7 @@ import pytest
 from cbmir.extractors import create_extractor
 from cbmir.index_build import build_bundle, load_bundle, open_archive
 from cbmir.index_build.build import extract_archive
-from cbmir.index_build.ray_extraction import RayOptions, extract_archive_ray
+from cbmir.index_build.ray_extraction import LOCAL_START_ATTEMPTS, RayOptions, extract_archive_ray, start_ray
 from cbmir.server.search_engine import SearchEngine
 from tests.helpers import UNIFESP, require
 
@@ -21,16 +24,8 @@ ray = pytest.importorskip("ray")
 
 @pytest.fixture(scope="module")
 def local_ray() -> Iterator[None]:
-    """A real local Ray. Its start waits a fixed time for the GCS to publish its port, which a 2-core machine
-    busy with the other test worker has overrun once: a start that times out is retried once."""
-    options = {"num_cpus": 2, "include_dashboard": False, "log_to_driver": False, "configure_logging": False}
-    try:
-        ray.init(**options)
-    except RuntimeError as exc:
-        if "Timed out" not in str(exc):
-            raise
-        ray.shutdown()
-        ray.init(**options)
+    """A real local Ray, started as ``cbmir build --ray`` starts it (retried when its start times out)."""
+    start_ray(None, num_cpus=2)
     yield
     ray.shutdown()
 
@@ -84,3 +79,19 @@ def test_ray_build_gives_the_in_process_bundle_hits(
         a = SearchEngine(local, device="cpu").search(method, q, 10)
         b = SearchEngine(distributed, device="cpu").search(method, distributed.methods[method].descriptors, 10)
         assert (a.rows == b.rows).mean() >= 0.99
+
+
+def test_a_local_ray_that_cannot_start_ends_the_build_in_one_line(
+    archive_200: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Ray's GCS given no time to publish its port: every start times out, and the build says what to do."""
+    root, labels = archive_200
+    command = [sys.executable, "-m", "cbmir.cli", "build", "--images", str(root), "--labels", str(labels)]
+    command += ["--out", str(tmp_path / "b"), "--extractors", "hog", "--ray", "--no-progress"]
+    env = {**os.environ, "RAY_gcs_server_port_wait_time_s": "0", "RAY_ADDRESS": ""}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert done.stderr.count("local Ray did not start (attempt") == LOCAL_START_ATTEMPTS
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: a local Ray did not start") and "ray start --head" in last
+    assert not (tmp_path / "b").exists()
