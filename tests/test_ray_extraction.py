@@ -24,8 +24,11 @@ ray = pytest.importorskip("ray")
 
 @pytest.fixture(scope="module")
 def local_ray() -> Iterator[None]:
-    """A real local Ray, started as ``cbmir build --ray`` starts it (retried when its start times out)."""
-    start_ray(None, num_cpus=2)
+    """A real local Ray, started as ``cbmir build --ray`` starts it (retried when its start times out), with 120 s
+    instead of 30 for its GCS to come up on two cores shared with the other test worker."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAY_gcs_server_port_wait_time_s", "120")
+        start_ray(None, num_cpus=2)
     yield
     ray.shutdown()
 
