@@ -155,7 +155,10 @@ def decode_image(
         image, _ = decode_dicom(data, source=source, max_pixels=max_pixels, windows=windows)
         return image
     try:
-        with Image.open(io.BytesIO(data), formats=list(formats)) as img:
+        with warnings.catch_warnings():  # Pillow's own size warning: the size is checked against max_pixels below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(io.BytesIO(data), formats=list(formats))
+        with opened as img:
             _check_size(img.width, img.height, max_pixels, source)
             img.load()
             if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
@@ -175,7 +178,13 @@ def decode_image(
         else:
             what = f"cannot decode image: {kind} is not accepted here"
         raise InvalidInputError(f"{source}: {what}; send {', '.join(formats)} or DICOM (Part 10) bytes") from exc
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:
+        pillow_limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)  # raised only while Pillow's limit is set
+        raise InvalidInputError(
+            f"{source}: image of more than {pillow_limit} pixels exceeds the limit of "
+            f"{min(max_pixels, pillow_limit)} pixels; downscale it"
+        ) from exc
+    except (OSError, ValueError, SyntaxError) as exc:
         raise InvalidInputError(
             f"{source}: cannot decode image ({exc}); send {', '.join(formats)} or DICOM (Part 10) bytes"
         ) from exc

@@ -1,5 +1,8 @@
 import io
 import os
+import struct
+import warnings
+import zlib
 
 import numpy as np
 import pydicom
@@ -71,6 +74,29 @@ def test_decompression_bomb_is_refused():
     Image.new("L", (4000, 4000)).save(buf, format="PNG")
     with pytest.raises(InvalidInputError, match="exceeds the limit"):
         decode_image(buf.getvalue(), max_pixels=1_000_000)
+
+
+def png_header_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` 8-bit gray pixels, with an empty image data chunk."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+    return b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize(
+    ("side", "claimed"),
+    [(10_000, "10000x10000 pixels"), (20_000, "more than 178956970 pixels")],
+    ids=["past-pillow-warning", "past-pillow-error"],
+)
+def test_a_claimed_size_past_pillows_own_limits_gets_the_same_refusal(side: int, claimed: str) -> None:
+    """Pillow warns above 89 M pixels and raises above 179 M; either way the refusal is ours, without a warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(InvalidInputError, match=f"image of {claimed} exceeds the limit of 5000000 pixels"):
+            decode_image(png_header_claiming(side, side), max_pixels=5_000_000)
 
 
 def test_raw_pixel_buffers_and_grayscale_conversion():
